@@ -1,0 +1,151 @@
+"""Command line: `cxr-oneclass train|evaluate|score|demo`. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import PRESETS, VARIANTS, resolve
+from .errors import CxrError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override single values of the preset (default None = keep the preset's)."""
+    g = p.add_argument_group("model and training (override the preset)")
+    g.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="recipe to start from (default: paper)")
+    g.add_argument("--variant", choices=VARIANTS, help="ablation: which of U, E, D to use (default: full)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--image-size", type=int, help="square input size in pixels, a power of two (paper: 64)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--noise-std", type=float, help="std of Gaussian noise on U's input while training")
+    g.add_argument("--width", type=int, help="channels of the first conv layer (paper-like: 64)")
+    g.add_argument("--skips", type=int, help="U-Net skip connections kept, deepest first; -1 = all (default)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--precision", choices=("fp32", "bf16"))
+    g.add_argument("--threads", dest="num_threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+CONFIG_FLAGS = ("variant", "epochs", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
+
+
+def config_from_args(args: argparse.Namespace):
+    return resolve(args.preset, **{k: getattr(args, k) for k in CONFIG_FLAGS})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .workflow import train_run
+
+    cfg = config_from_args(args)
+    out = train_run(cfg, args.data, args.out, progress=not args.quiet)
+    last = out.history[-1]
+    print(f"data: {out.extra['data_summary']}")
+    print(f"trained {cfg.variant} ({args.preset}) for {cfg.epochs} epochs in {out.seconds:.1f} s, {last['images_per_s']:.1f} images/s")
+    if out.val_auc is not None:
+        print(f"validation AUC {out.val_auc:.4f}")
+    print(f"threshold {out.calibration.threshold:.4f} ({out.calibration.rule})")
+    print(f"model written to {out.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .workflow import evaluate_run
+
+    out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
+    m = evaluate_run(args.run, args.data, args.split, out)
+    auc = m["auc"]
+    print(f"{args.split}: {m['n_normal']} normal + {m['n_abnormal']} abnormal")
+    print(f"AUC {auc:.4f}" if auc is not None else "AUC undefined (only one class present)")
+    comps = ", ".join(f"{k} {v:.4f}" for k, v in m["component_auc"].items() if v is not None)
+    if comps:
+        print(f"component AUC: {comps}")
+    op = m.get("at_threshold")
+    if op and op["sensitivity"] is not None and op["specificity"] is not None:
+        print(f"at stored threshold: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
+    print(f"wrote {out / 'metrics.json'} and {out / 'scores.csv'}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .io_utils import write_csv
+    from .workflow import score_paths
+
+    results, errors = score_paths(args.run, args.paths, heatmap_dir=args.heatmaps)
+    if args.csv:
+        rows = [{"file": r.path, "score": f"{r.score:.6f}", "flag": int(r.flagged), **r.components} for r in results]
+        write_csv(args.csv, rows, ["file", "score", "flag", "rec", "adv", "enc"])
+        print(f"wrote {len(results)} scores to {args.csv}")
+    else:
+        print("file,score,flag")
+        for r in results:
+            print(f"{r.path},{r.score:.6f},{'abnormal' if r.flagged else 'normal'}")
+    if errors:
+        print(f"{len(errors)} of {len(results) + len(errors)} inputs could not be scored:", file=sys.stderr)
+        for e in errors:
+            print(f"  {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr-oneclass", description="One-class abnormal chest X-ray detection (Tang et al., ISBI 2019).")
+    p.add_argument("--version", action="version", version=f"cxr-oneclass {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train on normal images; calibrate on validation")
+    t.add_argument("--data", required=True, help="csv:MANIFEST, folder:PATH or phantom[:OPTIONS]")
+    t.add_argument("--out", required=True, help="run folder to write")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="AUC and operating points of a run on a labelled split")
+    e.add_argument("run")
+    e.add_argument("--data", help="data spec (default: the one the run was trained on)")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--out", help="folder for metrics.json and scores.csv (default RUN/eval-SPLIT)")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("score", help="score image files or folders")
+    s.add_argument("run")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--csv", help="write scores here instead of printing")
+    s.add_argument("--heatmaps", help="folder for residual heat-map overlays")
+    s.set_defaults(func=cmd_score)
+
+    d = sub.add_parser("demo", help="the whole job on generated phantom radiographs")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Typed run configuration and presets.
+
+`paper` is the faithful recipe of Tang et al. (ISBI 2019, §3.1). A preset fills every field; single CLI flags
+override single values (`resolve`). The resolved config is saved with every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+VARIANTS = ("u", "u+e", "u+d", "full")
+
+
+@dataclass
+class Config:
+    # --- data ---
+    image_size: int = 64  # paper: 64x64 grayscale
+    # --- model (paper §2.2, §3.1) ---
+    variant: str = "full"  # u | u+e | u+d | full: which of U, E, D are trained and scored
+    latent_dim: int = 100  # paper: latent vector size 100
+    width: int = 64  # channels of the first encoder layer, doubled per layer (DCGAN widths)
+    skips: int = -1  # U-Net skip connections kept, counted from the deepest level; -1 = all (4 at 64 px)
+    noise_std: float = 0.05  # std of the Gaussian noise added to U's input in training (images scaled to [-1, 1])
+    init_std: float = 0.02  # conv weights ~ N(0, init_std); see nets.init_weights for why not N(0, 1)
+    # --- loss weights (eq. 5): lambda_1, lambda_2, lambda_3, and 1 for L_F ---
+    w_rec: float = 20.0
+    w_adv: float = 4.0
+    w_enc: float = 8.0
+    w_feat: float = 1.0
+    # --- optimisation ---
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 5e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    seed: int = 0
+    # --- runtime ---
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        size = self.image_size
+        if size < 16 or size & (size - 1):
+            raise ConfigError(f"image size must be a power of two >= 16, got {size}")
+        max_skips = n_down_layers(size)
+        if not -1 <= self.skips <= max_skips:
+            raise ConfigError(f"skips must be -1 (all) or 0..{max_skips} at image size {size}, got {self.skips}")
+        for name in ("epochs", "batch_size", "latent_dim", "width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.noise_std < 0 or self.lr <= 0:
+            raise ConfigError("noise-std must be >= 0 and lr > 0")
+
+    @property
+    def n_skips(self) -> int:
+        return n_down_layers(self.image_size) if self.skips < 0 else self.skips
+
+    @property
+    def uses_d(self) -> bool:
+        return self.variant in ("u+d", "full")
+
+    @property
+    def uses_e(self) -> bool:
+        return self.variant in ("u+e", "full")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def n_down_layers(image_size: int) -> int:
+    """Stride-2 layers that take `image_size` down to 4x4 (4 at 64 px; the 5th layer maps 4x4 to the latent)."""
+    return max(0, image_size.bit_length() - 3)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tang et al. 2019, §3.1: 64 px, batch 64, Adam(5e-4, 0.5, 0.999), lambdas 20/4/8, 15 epochs, latent 100.
+    "paper": {},
+}
+
+
+def resolve(preset: str = "paper", **overrides: Any) -> Config:
+    """A preset's config with single values overridden; `None` overrides are ignored (flag not given)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    known = {f.name for f in fields(Config)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown option {key!r}")
+        values[key] = value
+    return Config(**values)
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = ["Config", "PRESETS", "VARIANTS", "resolve", "replace", "n_down_layers"]

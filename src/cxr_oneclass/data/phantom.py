@@ -1,0 +1,339 @@
+"""Synthetic frontal (PA) chest radiograph phantoms with known abnormalities.
+
+Anatomy is modelled as attenuation (soft-tissue-equivalent thickness, summed over
+body, lungs, heart, mediastinum and bones), then projected to a film-like image:
+bright = dense, dark = air.  Geometry lives in normalised coordinates
+(x, y in [-1, 1], y pointing down, image right = patient's left), so any size works.
+
+Randomness is keyed per image: the normal anatomy, exposure and detector noise of
+image ``i`` depend only on ``(seed, stream, i)``; an abnormality draws from its own
+key and is added to the attenuation map before projection, so the same image with
+and without the abnormality differs only inside the mask (plus <= 1 px of blur).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ABNORMALITIES: tuple[str, ...] = ("nodule", "consolidation", "effusion", "cardiomegaly", "pneumothorax")
+KINDS: tuple[str, ...] = ("normal",) + ABNORMALITIES
+
+_AIR = 1.0  # soft tissue displaced per unit of aerated lung depth
+_TISSUE = 0.3  # fraction of normal lung "depth" that is still tissue and blood
+_TAU = 0.02  # |attenuation change| above which a pixel counts as abnormal
+_CHUNK_PIXELS = 1 << 18  # pixels per chunk (bounds memory: ~1 MiB per float32 temporary)
+_F = np.float32
+
+# (name, low, high): per-image uniform draws, in this order, for the normal anatomy and exposure.
+_NORMAL_PARAMS = (
+    ("rot", -0.05, 0.05), ("dx", -0.04, 0.04), ("dy", -0.04, 0.04), ("zoom", 0.94, 1.06),
+    ("body_w", 0.86, 0.98), ("neck_w", 0.15, 0.2), ("neck_y", -0.95, -0.82), ("shoulder_y", -0.62, -0.5),
+    ("body_t", 0.9, 1.1), ("lung_w", 0.92, 1.03), ("lung_wl", 0.94, 1.0), ("apex_y", -0.76, -0.64),
+    ("dome_r", 0.26, 0.42), ("dome_dl", 0.02, 0.07), ("dome_h", 0.1, 0.16), ("ctr", 0.40, 0.50),
+    ("tilt", 0.3, 0.55), ("heart_ar", 0.85, 0.97), ("heart_dy", -0.04, 0.04), ("med_w", 0.085, 0.11),
+    ("knob_r", 0.045, 0.065), ("rib_sp", 0.125, 0.145), ("rib_y0", -0.8, -0.72), ("rib_a", 0.3, 0.42),
+    ("clav_y", -0.58, -0.5), ("clav_s", 0.03, 0.1), ("ves_p1", 0.0, 6.283), ("ves_p2", 0.0, 6.283),
+    ("ves_p3", 0.0, 6.283), ("ves_amp", 0.8, 1.2), ("hilum_y", -0.04, 0.06), ("bubble", 0.0, 1.0),
+    ("spine_ph", 0.0, 6.283), ("contrast", 1.25, 1.7), ("gamma", 0.85, 1.2), ("lo", 0.0, 0.05),
+    ("hi", 0.93, 1.0), ("noise", 0.006, 0.02), ("blur", 0.08, 0.22),
+)
+_N_ABN_DRAWS = 24
+
+
+def _ss(x, edge):
+    """Soft step: 0 for x <= 0, 1 for x >= edge (linear ramp; cheap)."""
+    return np.clip(x * (1.0 / edge), 0.0, 1.0)
+
+
+def _normal_params(keys):
+    rngs = [np.random.default_rng(list(k) + [0]) for k in keys]
+    u = np.stack([r.random(len(_NORMAL_PARAMS)) for r in rngs]).astype(_F)
+    p = {name: (lo + (hi - lo) * u[:, j]).reshape(-1, 1, 1) for j, (name, lo, hi) in enumerate(_NORMAL_PARAMS)}
+    return p, rngs  # rngs continue to supply the detector noise
+
+
+def _lung_frame(p):
+    """Per-side lung ellipse (centre x, radius x) for right (image left) and left lungs."""
+    lw = p["lung_w"]
+    cxr, rxr = 0.42 * lw, 0.37 * lw
+    cxl, rxl = cxr * p["lung_wl"], rxr * p["lung_wl"]
+    return cxr, rxr, cxl, rxl
+
+
+def _heart_geom(p, ctr=None):
+    """Heart ellipse (xh, yh, a, b, cos, sin) sized so that its width / thorax width == ctr."""
+    cxr, rxr, cxl, rxl = _lung_frame(p)
+    thorax = cxr + rxr + cxl + rxl
+    ctr0 = p["ctr"]
+    ctr = ctr0 if ctr is None else ctr
+    c, s = np.cos(p["tilt"]), np.sin(p["tilt"])
+    ar = p["heart_ar"]
+    k = np.sqrt(c * c + (ar * s) ** 2)
+    hw0 = 0.5 * ctr0 * thorax
+    hw = 0.5 * ctr * thorax
+    a, b = hw / k, ar * hw / k
+    vext = np.sqrt((a * s) ** 2 + (b * c) ** 2)
+    vext0 = vext * (hw0 / hw)
+    xh = 0.36 * hw0 + 0.45 * (hw - hw0)
+    yh = p["dome_r"] + p["dome_dl"] - 0.19 + p["heart_dy"] + 0.35 * (vext - vext0)
+    return xh, yh, a, b, c, s
+
+
+def _heart_occ(X, Y, geom):
+    xh, yh, a, b, c, s = geom
+    dx, dy = X - xh, Y - yh
+    q = ((c * dx + s * dy) / a) ** 2 + ((c * dy - s * dx) / b) ** 2
+    return np.clip((1.0 - q) * 7.0, 0.0, 1.0)
+
+
+def _grid(p, size):
+    t = (np.arange(size, dtype=_F) + _F(0.5)) * _F(2.0 / size) - _F(1.0)
+    xs, ys = t.reshape(1, 1, -1) - p["dx"], t.reshape(1, -1, 1) - p["dy"]
+    c, s = np.cos(p["rot"]), np.sin(p["rot"])
+    z = 1.0 / p["zoom"]
+    return (c * xs + s * ys) * z, (c * ys - s * xs) * z
+
+
+def _anatomy(X, Y, p):
+    """Attenuation components for a batch; returns dict of (n, H, W) float32 arrays."""
+    ax = np.abs(X)
+    lf = (X > 0).astype(_F)  # 1 on the patient's left (image right)
+    # body outline: neck widening into rounded, sloping shoulders; elliptic-cylinder thickness
+    t_sh = np.clip((Y - p["neck_y"]) / (p["shoulder_y"] - p["neck_y"]), 0.0, 1.0)
+    half_w = p["neck_w"] + (p["body_w"] - p["neck_w"]) * np.sqrt(t_sh * (2.0 - t_sh))
+    cxr, rxr, cxl, rxl = _lung_frame(p)
+    chest_w = 0.5 * (cxr + rxr + cxl + rxl) + 0.1 + 0.06 * np.clip(Y - 0.4, 0.0, 1.0)
+    axilla = np.clip((Y - p["shoulder_y"]) * (1.0 / 0.45), 0.0, 1.0)
+    half_w = half_w + (np.minimum(chest_w, p["body_w"]) - p["body_w"]) * axilla * (2.0 - axilla)
+    body = np.sqrt(np.clip(1.0 - (X / half_w) ** 2, 0.0, 1.0)) * (p["body_t"] * (0.5 + 0.5 * t_sh))
+    in_body = _ss(body - 0.2, 0.2)
+    # lungs: tapered ellipses cut by the diaphragm domes (steep laterally: sharp costophrenic angles)
+    cx, rx = cxr + (cxl - cxr) * lf, rxr + (rxl - rxr) * lf
+    lry = 0.5 * (0.78 - p["apex_y"])
+    lcy = p["apex_y"] + lry
+    v = (Y - lcy) / lry
+    u = (ax - cx) / (rx * (0.93 + 0.12 * v))
+    q = u * u + v * v
+    dd = (ax - cx) / rx + 0.15
+    dl, dm = np.maximum(dd, 0.0), np.minimum(dd, 0.0)
+    dome = p["dome_r"] + p["dome_dl"] * lf + p["dome_h"] * (dl * dl * (1.0 + 1.5 * dl * dl) + 0.4 * dm * dm)
+    above = _ss(dome - Y, 0.015)
+    inside = np.clip(1.0 - q, 0.0, 1.0)
+    lung_occ = _ss(inside, 0.08) * above
+    depth = lung_occ * (0.5 + 0.5 * np.sqrt(inside)) * (0.95 - 0.15 * v * v)
+    # mediastinum (with aortic knob on the patient's left) and heart
+    med = _ss(p["med_w"] - np.abs(X + 0.015), 0.02)
+    kx, ky = X - (p["med_w"] + 0.015), Y - (lcy - 0.42 * lry)
+    med = np.maximum(med, _ss(1.0 - (kx * kx + ky * ky) / p["knob_r"] ** 2, 0.25))
+    heart = _heart_occ(X, Y, _heart_geom(p))
+    # spine with vertebral bodies / disc spaces
+    spine = _ss(0.075 - ax, 0.02) * (0.85 + 0.15 * np.cos(Y * (6.283 / 0.14) + p["spine_ph"]))
+    # posterior ribs: curved arcs (rise, then fall laterally), spacing widening downwards
+    lat = (cxr + rxr) + (cxl + rxl - cxr - rxr) * lf + 0.03
+    t = ax / lat
+    yr = np.maximum(Y - p["rib_y0"] - (-p["rib_a"] * t + 0.6 * t * t * t), -0.05)
+    ph = yr / (p["rib_sp"] * (1.0 + 0.3 * yr))
+    env = _ss(1.06 - t, 0.05) * in_body * (0.45 + 0.55 * lung_occ)
+    ribs = np.clip(2.5 * np.cos(6.283 * ph) - 0.5, 0.0, 1.0) * (env * _ss(t - 0.12, 0.3) * _ss(10.3 - ph, 0.5))
+    # anterior ribs: fainter, running down-medially; costal cartilage invisible medially
+    ya = np.maximum(Y - p["rib_y0"] - 0.12 + 0.3 * t, -0.05)
+    pha = ya / (p["rib_sp"] * 1.15 * (1.0 + 0.3 * ya))
+    ribs_a = np.clip(2.0 * np.cos(6.283 * pha) - 0.8, 0.0, 1.0) * (env * _ss(t - 0.45, 0.2) * _ss(6.0 - pha, 0.5))
+    # clavicles: gently S-shaped bars, lateral end higher
+    tc = (ax - 0.1) / 0.58
+    yc = p["clav_y"] - p["clav_s"] * tc + 0.025 * np.sin(6.283 * tc)
+    dc = (Y - yc) * (1.0 / 0.03)
+    clav = np.sqrt(np.clip(1.0 - dc * dc, 0.0, 1.0)) * (_ss(tc, 0.06) * _ss(1.0 - tc, 0.08))
+    # trachea (air column) down to the carina
+    trach = _ss(0.04 - np.abs(X - 0.01), 0.015) * _ss(lcy - 0.5 * lry - Y, 0.03)
+    # gastric bubble under the left dome (air above a flat fluid level)
+    gx = (X - 0.42 * p["lung_w"]) * (1.0 / 0.09)
+    gy = (Y - p["dome_r"] - p["dome_dl"] - 0.14) * (1.0 / 0.05)
+    bubble = _ss(1.0 - gx * gx - gy * gy, 0.3) * _ss(0.4 - gy, 0.2) * (p["bubble"] > 0.4)
+    # vascular markings: radiating from the hila, branching (2x, 4x angular frequency) and tapering
+    hx = 0.17 + 0.03 * lf
+    hy = lcy - 0.12 * lry + p["hilum_y"] - 0.04 * lf
+    vx, vy = ax - hx, Y - hy
+    r = np.sqrt(vx * vx + vy * vy) + 1e-3
+    ang = np.arctan2(vy, vx) + 1.3 * lf
+    ang = ang + 0.22 * np.sin(2.0 * ang + p["ves_p2"]) + 0.04 * np.sin(9.0 * r + p["ves_p3"])
+    ves = np.zeros_like(X)
+    for m, r0, r1, w0, amp in ((7.0, 0.02, 0.45, 0.02, 1.0), (14.0, 0.12, 0.6, 0.013, 0.7), (28.0, 0.25, 0.7, 0.008, 0.5)):
+        s = np.cos(m * ang + (m / 7.0) * p["ves_p1"])
+        width = w0 * np.clip(1.0 - (r - r0) * (0.6 / (r1 - r0)), 0.3, 1.0)
+        thr = np.cos(np.minimum(m * width / r, 1.5))
+        prof = np.clip((s - thr) / (1.0 - thr), 0.0, 1.0)
+        ves = np.maximum(ves, amp * prof * (_ss(r - r0, 0.05) * _ss(r1 - r, 0.15)))
+    hilum = np.clip(1.0 - r * r * (1.0 / 0.012), 0.0, 1.0) ** 1.5
+    vessels = (0.16 * ves + 0.3 * hilum) * p["ves_amp"] * lung_occ
+    base = (body + 0.08 * ribs + 0.04 * ribs_a + 0.3 * clav + 0.12 * spine
+            - 0.12 * trach - 0.25 * bubble)
+    return {"base": base, "depth": depth * (1.0 - med), "lung_occ": lung_occ * (1.0 - med), "heart": heart,
+            "above": above, "vessels": vessels, "lf": lf, "u": u, "v": v, "q": q, "ax": ax}
+
+
+def _compose(c, heart=None, fill=None, tissue=_TISSUE, vessels=None):
+    heart = c["heart"] if heart is None else heart
+    air = c["depth"] * (1.0 - 0.85 * heart)
+    if fill is not None:
+        air = air * (1.0 - fill)
+    return (c["base"] + 0.08 * heart * c["above"] - (_AIR * (1.0 - tissue)) * air
+            + (c["vessels"] if vessels is None else vessels))
+
+
+def _nodule(X, Y, p, c, q, sev, px):
+    dA = np.zeros_like(X)
+    n_nod = 1 + (q[:, 1] > 0.7) + (q[:, 2] > 0.75) * (q[:, 1] > 0.7)
+    cxr, rxr, cxl, rxl = _lung_frame(p)
+    lry = 0.5 * (0.78 - p["apex_y"])
+    lcy = p["apex_y"] + lry
+    for j in range(3):
+        left = q[:, 3 + j, None, None] > 0.5
+        cx, rx = np.where(left, cxl, cxr), np.where(left, rxl, rxr)
+        uu = -0.45 + 0.95 * q[:, 6 + j, None, None]
+        vv = -0.7 + 0.95 * q[:, 9 + j, None, None]
+        uu = np.where(left & (uu < 0) & (vv > -0.2), -uu, uu)  # keep clear of the heart
+        r = (0.035 + 0.085 * sev) * (0.8 + 0.4 * q[:, 12 + j, None, None]) * np.where(n_nod[:, None, None] > 1, 0.7, 1.0)
+        r = np.maximum(r, 1.6 * px)
+        nx = np.where(left, 1.0, -1.0) * (cx + uu * rx * 0.85)
+        ny = np.minimum(lcy + vv * lry, p["dome_r"] - r - 0.06)
+        present = (j < n_nod)[:, None, None]
+        d2 = ((X - nx) ** 2 + (Y - ny) ** 2) / (r * r)
+        dA += present * (0.3 + 0.3 * sev) * np.sqrt(np.clip(1.0 - d2, 0.0, 1.0))
+    return dA
+
+
+def _consolidation(X, Y, p, c, q, sev, px):
+    left = q[:, 1, None, None] > 0.5
+    side = np.where(left, c["lf"], 1.0 - c["lf"])
+    R = (0.1 + 0.2 * sev) * (0.85 + 0.3 * q[:, 2, None, None])
+    cxr, rxr, cxl, rxl = _lung_frame(p)
+    cx, rx = np.where(left, cxl, cxr), np.where(left, rxl, rxr)
+    lry = 0.5 * (0.78 - p["apex_y"])
+    lcy = p["apex_y"] + lry
+    zx = np.where(left, 1.0, -1.0) * (cx + rx * (-0.1 + 0.55 * q[:, 3, None, None]))
+    zy = lcy + lry * (-0.55 + 0.9 * q[:, 4, None, None])
+    zy = np.minimum(zy, p["dome_r"] - 0.1)
+    env = np.zeros_like(X)
+    for j in range(4):
+        bx = zx + R * (q[:, 5 + j, None, None] - 0.5)
+        by = zy + R * (q[:, 9 + j, None, None] - 0.5)
+        rb = R * (0.5 + 0.4 * q[:, 13 + j, None, None])
+        d2 = ((X - bx) ** 2 + (Y - by) ** 2) / (rb * rb)
+        env += np.clip(1.0 - d2, 0.0, 1.0) ** 2
+    env = np.clip(1.5 * env, 0.0, 1.0) * side
+    k, ph = 40.0, q[:, 17:20, None, None] * 6.283
+    tex = (np.cos(k * X + ph[:, 0]) + np.cos(k * (0.5 * X + 0.87 * Y) + ph[:, 1])
+           + np.cos(k * (-0.5 * X + 0.87 * Y) + ph[:, 2]))
+    patch = np.clip(0.7 + 0.15 * tex, 0.2, 1.0)
+    fill = env * patch * (0.5 + 0.45 * sev)
+    return _compose(c, fill=fill)
+
+
+def _effusion(X, Y, p, c, q, sev, px):
+    which = q[:, 1, None, None]  # <0.45 right, <0.8 left, else both
+    on = np.where(which < 0.45, 1.0 - c["lf"], np.where(which < 0.8, c["lf"], 1.0))
+    h = (0.05 + 0.3 * sev) * (0.85 + 0.3 * q[:, 2, None, None])
+    y_cp = p["dome_r"] + p["dome_dl"] * c["lf"] + 0.9 * p["dome_h"]
+    lat = np.clip(c["u"], 0.0, 1.0)
+    y_m = y_cp - h - (0.05 + 0.12 * sev) * lat * lat
+    fill = np.clip((Y - y_m) * (1.0 / (0.04 + 0.05 * sev)), 0.0, 1.0) * on
+    return _compose(c, fill=fill)
+
+
+def _cardiomegaly(X, Y, p, c, q, sev, px):
+    target = np.maximum(0.57 + 0.15 * sev, p["ctr"] + 0.08) * (1.0 + 0.04 * q[:, 1, None, None])
+    big = np.maximum(_heart_occ(X, Y, _heart_geom(p, target)), c["heart"])
+    return _compose(c, heart=big) + 0.08 * (big - c["heart"]) * c["above"]
+
+
+def _pneumothorax(X, Y, p, c, q, sev, px):
+    left = q[:, 1, None, None] > 0.5
+    side = np.where(left, c["lf"], 1.0 - c["lf"])
+    s = 1.0 - (0.12 + 0.33 * sev) * (0.85 + 0.3 * q[:, 2, None, None])
+    u0, v0 = -0.6, 0.55
+    uc, vc = (c["u"] - u0) / s + u0, (c["v"] - v0) / s + v0
+    qc = uc * uc + vc * vc
+    lry = 0.5 * (0.78 - p["apex_y"])
+    dq = 2.0 * max(0.012, 0.8 * px) / (s * 0.4 * lry)  # ~1 px of q near the collapsed edge
+    g = _ss(qc - 1.0, dq) * side * c["lung_occ"]
+    line = np.clip(1.0 - np.abs(qc - 1.0 - dq) / dq, 0.0, 1.0) * side * c["lung_occ"]
+    ptx = _compose(c, tissue=_TISSUE * (1.0 - g), vessels=c["vessels"] * (1.0 - g))
+    return ptx - 0.12 * g * c["depth"] + 0.18 * line
+
+
+_ABN_FUNCS = {"nodule": _nodule, "consolidation": _consolidation, "effusion": _effusion,
+              "cardiomegaly": _cardiomegaly, "pneumothorax": _pneumothorax}
+
+
+def _blur(img, w):
+    """Separable 3-tap blur [w, 1-2w, w] with edge replication (spreads changes by <= 1 px)."""
+    for axis in (1, 2):
+        lo = np.concatenate([img.take([0], axis), img.take(np.arange(img.shape[axis] - 1), axis)], axis)
+        hi = np.concatenate([img.take(np.arange(1, img.shape[axis]), axis), img.take([-1], axis)], axis)
+        img = img * (1.0 - 2.0 * w) + w * (lo + hi)
+    return img
+
+
+def _render_chunk(keys, size: int, kind: str, severity: float):
+    p, rngs = _normal_params(keys)
+    n = len(keys)
+    X, Y = _grid(p, size)
+    comp = _anatomy(X, Y, p)
+    A = _compose(comp)
+    mask = np.zeros(X.shape, dtype=bool)
+    if kind != "normal":
+        q = np.stack([np.random.default_rng(list(k) + [1 + KINDS.index(kind)]).random(_N_ABN_DRAWS)
+                      for k in keys]).astype(_F)
+        sev = np.clip(severity * (0.8 + 0.4 * q[:, 0]), 0.0, 1.0).astype(_F).reshape(-1, 1, 1)
+        px = 2.0 / size / float(np.mean(p["zoom"]))
+        res = _ABN_FUNCS[kind](X, Y, p, comp, q, sev, px)
+        dA = res - A if kind != "nodule" else res
+        mask = np.abs(dA) > _TAU
+        A = A + np.where(mask, dA, 0.0).astype(_F)
+    # film-like projection: saturating exposure curve, gamma, window, detector blur and noise
+    img = 1.0 - np.exp(-p["contrast"] * np.maximum(A, 0.0))
+    img = img ** p["gamma"]
+    img = p["lo"] + (p["hi"] - p["lo"]) * img
+    img = _blur(img, p["blur"])
+    noise = np.stack([r.standard_normal((size, size), dtype=_F) for r in rngs])
+    img = img + p["noise"] * (0.5 + 0.5 * img) * noise
+    return np.clip(img, 0.0, 1.0).astype(_F, copy=False), mask
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+
+
+def _render_keys(keys, size, kind, severity):
+    _check_kind(kind)
+    if not 16 <= size <= 1024:
+        raise ValueError(f"size must be in 16..1024, got {size}")
+    if not 0.0 <= severity <= 1.0:
+        raise ValueError(f"severity must be in [0, 1], got {severity}")
+    n = len(keys)
+    images = np.empty((n, size, size), dtype=_F)
+    masks = np.zeros((n, size, size), dtype=bool)
+    step = max(1, _CHUNK_PIXELS // (size * size))
+    for a in range(0, n, step):
+        images[a:a + step], masks[a:a + step] = _render_chunk(keys[a:a + step], size, kind, float(severity))
+    return images, masks
+
+
+def render(n: int, size: int = 64, seed: int = 0, kind: str = "normal",
+           severity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """n images of one kind ("normal" or one of ABNORMALITIES).
+
+    Returns float32 images (n, size, size) in [0, 1] and bool masks (n, size, size) of
+    where the abnormality is (all False for "normal").  Image i's normal anatomy,
+    exposure and noise depend only on (seed, i), whatever ``kind`` is.
+    """
+    if n < 0 or seed < 0:
+        raise ValueError(f"n and seed must be >= 0, got n={n}, seed={seed}")
+    return _render_keys([(seed, 0, 0, i) for i in range(n)], size, kind, severity)

@@ -1,0 +1,174 @@
+"""The jobs behind the CLI, as library functions: train a run, evaluate it, score files.
+
+Validation data picks the normalisation and threshold; the test split is only ever scored for final metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import load_run, save_run
+from .config import Config
+from .data.images import IMAGE_SUFFIXES, load_image
+from .data.sources import Dataset, ImageSet, load_dataset
+from .errors import DataError, ImageError
+from .evaluate import auc, compute_metrics
+from .io_utils import write_csv, write_json
+from .nets import OneClassGAN
+from .scoring import COMPONENTS, Calibration, fit_calibration, score_images
+from .train import fit
+from .viz import save_overlay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    model: OneClassGAN
+    calibration: Calibration
+    history: list[dict]
+    dataset: Dataset
+    seconds: float
+    val_auc: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: bool = True) -> TrainOutcome:
+    """Train on the train split, calibrate on val, save model.safetensors + config.json + history.csv."""
+    out_dir = Path(out_dir)
+    ds = data if isinstance(data, Dataset) else load_dataset(data, cfg.image_size, cfg.seed, splits=("train", "val"))
+    train = ds.splits.get("train")
+    if train is None or train.n_normal == 0:
+        raise DataError(f"data {ds.spec!r}: no normal training images (found: {ds.summary() or 'nothing'})")
+    val = ds.splits.get("val")
+
+    def on_epoch_end(model: OneClassGAN, row: dict) -> None:
+        # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
+        if val is not None and val.n_abnormal and val.n_normal:
+            row["val_auc"] = auc(val.labels, score_images(model, val.images, cfg.batch_size)["score"])
+
+    t0 = time.perf_counter()
+    result = fit(cfg, train.images[train.labels == 0], on_epoch_end=on_epoch_end, progress=progress)
+    model = result.model
+    if val is not None and len(val):
+        calib_set = val
+    else:
+        log.warning("no validation split: calibrating on training images (thresholds will be optimistic)")
+        calib_set = train
+    scored = score_images(model, calib_set.images, cfg.batch_size)
+    calibration = fit_calibration(scored["score"], calib_set.labels)
+    val_auc = auc(calib_set.labels, scored["score"]) if calib_set is val else None
+    extra = {
+        "data": ds.spec,
+        "data_summary": ds.summary(),
+        "train_seconds": round(result.seconds, 2),
+        "val_auc": val_auc,
+        "skipped_files": [str(e) for e in ds.skipped],
+    }
+    save_run(out_dir, model, cfg, calibration, extra)
+    write_csv(out_dir / "history.csv", result.history)
+    return TrainOutcome(out_dir, model, calibration, result.history, ds, time.perf_counter() - t0, val_auc, extra)
+
+
+def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
+    scored = score_images(model, images.images, batch_size, keep_maps=keep_maps, progress=len(images) > 500)
+    scored["normalised"] = calibration.normalise(scored["score"]) if calibration else scored["score"]
+    return scored
+
+
+def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "test", out_dir: str | Path | None = None) -> dict:
+    """Score a split with a trained run; write metrics.json and scores.csv; return the metrics."""
+    model, calibration, doc = load_run(run_dir)
+    cfg = model.cfg
+    spec = data if data is not None else doc.get("data")
+    if spec is None:
+        raise DataError("no --data given and the run does not record its data spec")
+    ds = spec if isinstance(spec, Dataset) else load_dataset(spec, cfg.image_size, cfg.seed, splits=(split,))
+    images = ds[split]
+    scored = score_set(model, calibration, images, cfg.batch_size)
+    metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None)
+    metrics.update({"split": split, "data": ds.spec, "run": str(run_dir), "version": __version__})
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"eval-{split}"
+    write_json(out / "metrics.json", metrics)
+    rows = []
+    for i, name in enumerate(images.names):
+        row = {"file": name, "label": int(images.labels[i]), "score": scored["normalised"][i], "raw_score": scored["score"][i]}
+        row.update({k: scored[k][i] for k in COMPONENTS if k in scored})
+        row.update({k: v[i] for k, v in images.meta.items()})
+        rows.append(row)
+    write_csv(out / "scores.csv", rows)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- score files
+
+@dataclass
+class FileScore:
+    path: str
+    score: float
+    flagged: bool
+    components: dict[str, float]
+
+
+def expand_paths(paths: list[str | Path]) -> tuple[list[Path], list[ImageError]]:
+    """Files as given, folders expanded recursively to their image files (sorted)."""
+    files: list[Path] = []
+    errors: list[ImageError] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors.append(ImageError(p, "folder has no image files"))
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            errors.append(ImageError(p, "file not found"))
+    return files, errors
+
+
+def score_paths(run_dir: str | Path, paths: list[str | Path], heatmap_dir: str | Path | None = None, batch_size: int = 64) -> tuple[list[FileScore], list[ImageError]]:
+    """Score image files in bounded-memory chunks; unreadable files are reported, never fatal for the others."""
+    model, calibration, _ = load_run(run_dir)
+    size = model.cfg.image_size
+    files, errors = expand_paths(paths)
+    results: list[FileScore] = []
+    used_names: set[str] = set()
+
+    def decode(p: Path) -> np.ndarray | ImageError:
+        try:
+            return load_image(p, size)
+        except ImageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(4) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            decoded = list(pool.map(decode, chunk))
+            ok = [(p, a) for p, a in zip(chunk, decoded) if not isinstance(a, ImageError)]
+            errors += [a for a in decoded if isinstance(a, ImageError)]
+            if not ok:
+                continue
+            arr = np.stack([a for _, a in ok])
+            scored = score_images(model, arr, batch_size, keep_maps=heatmap_dir is not None)
+            norm = calibration.normalise(scored["score"]) if calibration else scored["score"]
+            thr = calibration.threshold if calibration else float("inf")
+            for i, (p, _) in enumerate(ok):
+                comps = {k: float(scored[k][i]) for k in COMPONENTS if k in scored}
+                results.append(FileScore(str(p), float(norm[i]), bool(norm[i] >= thr), comps))
+                if heatmap_dir is not None:
+                    name = f"{p.stem}_heatmap.png"
+                    if name in used_names:  # same stem in two folders: keep both
+                        name = f"{p.parent.name}_{p.stem}_{len(used_names)}_heatmap.png"
+                    used_names.add(name)
+                    save_overlay(Path(heatmap_dir) / name, arr[i], scored["heatmap"][i].astype(np.float32))
+    return results, errors

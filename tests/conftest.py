@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny generated image sets, so tests run in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def blob_images(n: int, size: int, seed: int, abnormal: bool = False) -> np.ndarray:
+    """uint8 (n, size, size): a smooth two-lobed 'chest' with jitter; abnormal ones carry a bright square."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.empty((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        cx = 0.5 + rng.normal(0, 0.02)
+        left = np.exp(-(((xx - cx + 0.2) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+        right = np.exp(-(((xx - cx - 0.2) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+        img = 0.8 - 0.5 * (left + right) + rng.normal(0, 0.02, (size, size))
+        if abnormal:
+            r0, c0 = rng.integers(size // 4, size // 2, 2)
+            img[r0 : r0 + size // 5, c0 : c0 + size // 5] = 1.0
+        out[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return out
+
+
+def write_folder_dataset(root: Path, size: int = 32, n_train: int = 24, n_eval: int = 6) -> Path:
+    """`root/{train,val,test}/{normal,abnormal}/*.png` of blob images."""
+    seed = 0
+    for split, n_norm, n_abn in (("train", n_train, 0), ("val", n_eval, n_eval), ("test", n_eval, n_eval)):
+        for cls, n, abnormal in (("normal", n_norm, False), ("abnormal", n_abn, True)):
+            if n == 0:
+                continue
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            seed += 1
+            for i, img in enumerate(blob_images(n, size, seed, abnormal)):
+                Image.fromarray(img).save(d / f"{cls}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    return write_folder_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "nih-pneumonia-128" / "manifest.csv").is_file():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

@@ -1,0 +1,71 @@
+"""End to end through the command line: train -> evaluate -> score, on a tiny generated folder dataset."""
+
+import csv
+import json
+
+import pytest
+
+from cxr_oneclass.cli import main
+
+TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--epochs", "2", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import write_folder_dataset
+
+    root = tmp_path_factory.mktemp("cli")
+    data = write_folder_dataset(root / "data")
+    run = root / "run"
+    assert main(["-q", "train", "--data", f"folder:{data}", "--out", str(run), *TINY]) == 0
+    return data, run
+
+
+def test_train_writes_model_config_history(trained_run):
+    _, run = trained_run
+    assert (run / "model.safetensors").is_file()
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["config"]["epochs"] == 2 and doc["config"]["image_size"] == 32
+    assert doc["calibration"]["threshold"] is not None and doc["version"]
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert len(rows) == 2 and float(rows[0]["images_per_s"]) > 0 and "val_auc" in rows[0]
+
+
+def test_evaluate_writes_metrics_and_scores(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    assert main(["evaluate", str(run), "--data", f"folder:{data}", "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n_normal"] == 6 and m["n_abnormal"] == 6 and 0 <= m["auc"] <= 1
+    assert set(m["component_auc"]) == {"rec", "adv", "enc"}
+    assert {"sensitivity", "specificity"} <= set(m["at_threshold"])
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "scores.csv")))
+    assert len(rows) == 12 and {"file", "label", "score", "rec", "adv", "enc"} <= set(rows[0])
+    assert "AUC" in capsys.readouterr().out
+
+
+def test_score_files_folders_and_bad_input(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    bad = tmp_path / "bad.png"
+    bad.write_text("text")
+    out_csv = tmp_path / "s.csv"
+    rc = main(["score", str(run), str(data / "test" / "abnormal"), str(bad), str(tmp_path / "missing.png"), "--csv", str(out_csv), "--heatmaps", str(tmp_path / "hm")])
+    assert rc == 1  # some inputs failed, the rest were scored
+    rows = list(csv.DictReader(open(out_csv)))
+    assert len(rows) == 6 and all(r["flag"] in ("0", "1") for r in rows)
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 6
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "missing.png: file not found" in err
+
+
+def test_clear_errors_without_traceback(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "norun")]) == 2
+    assert main(["train", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "r"), *TINY]) == 2
+    (tmp_path / "d" / "abnormal").mkdir(parents=True)
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "d" / "abnormal" / "a.png")
+    assert main(["train", "--data", f"folder:{tmp_path / 'd'}", "--out", str(tmp_path / "r"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("error:") == 3 and "no normal training images" in err
