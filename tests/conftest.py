@@ -53,3 +53,9 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "nih-pneumonia-128" / "manifest.csv").is_file():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Keep the decode cache of every test out of the user's ~/.cache."""
+    monkeypatch.setenv("CXR_ONECLASS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError, ImageError
+from .cache import ImageCache, file_key
 from .images import IMAGE_SUFFIXES, load_image
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def parse_label(value: str, where: str) -> int:
 
 # ----------------------------------------------------------------------------------------------- sources
 
-def csv_records(path: str) -> list[Record]:
+def csv_records(path: str, seed: int = 0) -> list[Record]:
     """`csv:PATH`: columns `file,label` and optional `split,patient_id`; other columns are kept as extras."""
     p = Path(path)
     if not p.is_file():
@@ -134,7 +135,7 @@ def csv_records(path: str) -> list[Record]:
     return records
 
 
-def folder_records(path: str) -> list[Record]:
+def folder_records(path: str, seed: int = 0) -> list[Record]:
     """`folder:PATH`: `PATH/{train,val,test}/{normal,abnormal}/` or just `PATH/{normal,abnormal}/`."""
     root = Path(path)
     if not root.is_dir():
@@ -154,8 +155,28 @@ def folder_records(path: str) -> list[Record]:
     return records
 
 
-RecordSource = Callable[[str], list[Record]]
-RECORD_SOURCES: dict[str, RecordSource] = {"csv": csv_records, "folder": folder_records}
+def nih_records(arg: str, seed: int = 0) -> list[Record]:
+    """`nih:PATH[?options]`: NIH ChestX-ray14 as released, paper split (see `data/nih.py`)."""
+    from .nih import nih_records as read
+
+    return read(arg, seed)
+
+
+def rsna_records(arg: str, seed: int = 0) -> list[Record]:
+    """`rsna:PATH[?options]`: RSNA Pneumonia stage 2 as released, paper split (see `data/rsna.py`)."""
+    from .rsna import rsna_records as read
+
+    return read(arg, seed)
+
+
+# A source gets the spec's argument and the run's seed (for sources that choose their own splits).
+RecordSource = Callable[[str, int], list[Record]]
+RECORD_SOURCES: dict[str, RecordSource] = {
+    "csv": csv_records,
+    "folder": folder_records,
+    "nih": nih_records,
+    "rsna": rsna_records,
+}
 
 
 def _phantom(arg: str, image_size: int, seed: int) -> Dataset:
@@ -212,11 +233,24 @@ def assign_splits(records: list[Record], seed: int, val_frac: float = 0.15, test
 
 # ----------------------------------------------------------------------------------------------- decoding
 
-def decode_records(records: list[Record], image_size: int, workers: int = 0, desc: str = "decoding") -> tuple[np.ndarray, list[bool], list[ImageError]]:
-    """Decode files in parallel to uint8 (N, S, S); failed files give a zero image, ok=False and an error."""
+def decode_records(records: list[Record], image_size: int, workers: int = 0, desc: str = "decoding", cache: bool = True) -> tuple[np.ndarray, list[bool], list[ImageError]]:
+    """Decode files in parallel to uint8 (N, S, S); failed files give a zero image, ok=False and an error.
+
+    With `cache` (and the cache not turned off, see `data/cache.py`) images decoded before are read from the
+    on-disk cache and newly decoded ones are added to it.
+    """
     out = np.zeros((len(records), image_size, image_size), dtype=np.uint8)
     ok = [False] * len(records)
     errors: list[ImageError] = []
+    store = ImageCache.from_env(image_size) if cache else None
+    keys = [file_key(r.path) for r in records] if store is not None else [None] * len(records)
+    todo = list(range(len(records)))
+    if store is not None:
+        for i in store.fill(keys, out):
+            ok[i] = True
+        todo = [i for i in todo if not ok[i]]
+        if len(todo) < len(records):
+            log.info("%s: %d of %d images from the cache %s", desc, len(records) - len(todo), len(records), store.dir)
 
     def work(i: int) -> tuple[int, ImageError | None]:
         try:
@@ -226,13 +260,20 @@ def decode_records(records: list[Record], image_size: int, workers: int = 0, des
             return i, exc
 
     n_workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(n_workers) as pool:
-        it = pool.map(work, range(len(records)))
-        for i, err in tqdm(it, total=len(records), desc=desc, unit="img", leave=False, disable=len(records) < 200):
+    pool = ThreadPoolExecutor(n_workers)
+    try:
+        it = pool.map(work, todo)
+        for i, err in tqdm(it, total=len(todo), desc=desc, unit="img", leave=False, disable=len(todo) < 200):
             if err is None:
                 ok[i] = True
+                if store is not None:
+                    store.add(keys[i], out[i])
             else:
                 errors.append(err)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, drop the queued files instead of decoding them
+        if store is not None:
+            store.flush()  # also after an interruption: what was decoded is kept for the next run
     return out, ok, errors
 
 
@@ -241,7 +282,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     scheme, sep, arg = spec.partition(":")
     scheme = scheme.strip().lower()
     if not sep and scheme not in IN_MEMORY_SOURCES:
-        raise DataError(f"data spec {spec!r} needs a scheme: csv:PATH, folder:PATH or phantom[:OPTIONS]")
+        raise DataError(
+            f"data spec {spec!r} needs a scheme: csv:PATH, folder:PATH, nih:PATH[?OPTIONS], rsna:PATH[?OPTIONS] "
+            "or phantom[:OPTIONS]"
+        )
     return scheme, arg
 
 
@@ -255,7 +299,7 @@ def load_dataset(spec: str, image_size: int, seed: int = 0, splits: tuple[str, .
     if scheme not in RECORD_SOURCES:
         known = ", ".join(sorted(set(RECORD_SOURCES) | set(IN_MEMORY_SOURCES)))
         raise DataError(f"unknown data scheme {scheme!r} in {spec!r}; known: {known}")
-    records = RECORD_SOURCES[scheme](arg)
+    records = RECORD_SOURCES[scheme](arg, seed)
     assign_splits(records, seed)
     dropped = [r for r in records if r.split == "train" and r.label == 1]
     if dropped:

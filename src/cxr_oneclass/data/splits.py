@@ -157,11 +157,13 @@ def split_by_patient_with_sizes(records: list[Record], sizes: SplitSizes, seed: 
     """Pick records for train (normal only) / val / test with the given image counts, patient-disjoint.
 
     `records` carry label 0/1 and a patient ID (records without one are their own patient). Sizes are first
-    scaled down by one common factor when fewer images are present. Every patient goes to one split; patients
-    with abnormal images fill val/test's abnormal counts first, then normal-only patients fill the normal
-    counts, each time to the split with the largest share of its count still open. Within a patient, images
-    are taken in a seeded random order up to what the split still needs. Returns the chosen records, their
-    `split` set, in a stable order; the seed fixes the choice (and the input order does not matter).
+    scaled down by one common factor when fewer images are present. Every patient goes to one split: in a
+    seeded random order, a patient with abnormal images goes to val or test while they still need abnormal
+    images (bringing its normal images along as far as that split needs them), a normal-only patient to the
+    split with the largest share of its normal count still open (preferring one it fits in whole). Patients
+    with abnormal images not needed in val/test only fill normal counts that normal-only patients could not.
+    Within a patient, images are taken in a seeded random order up to what the split still needs. Returns the
+    chosen records, their `split` set, in a stable order; the seed fixes the choice (input order does not matter).
     """
     usable = [r for r in records if r.label in (0, 1)]
     n_normal = sum(r.label == 0 for r in usable)
@@ -201,22 +203,30 @@ def split_by_patient_with_sizes(records: list[Record], sizes: SplitSizes, seed: 
                 r.split = split
                 chosen.append(r)
 
-    with_abnormal = [k for k in keys if any(r.label == 1 for r in groups[k])]
-    normal_only = [k for k in keys if all(r.label == 0 for r in groups[k])]
-    deferred: list[str] = []
-    for k in with_abnormal:
-        cands = [s for s in ("val", "test") if need[(s, 1)] > 0]
-        if not cands:
-            deferred.append(k)
-            continue
-        take(max(cands, key=lambda s: open_share(s, 1)), groups[k])
-    for k in normal_only + deferred:
+    def place_normal_donor(k: str) -> None:
         n0 = sum(r.label == 0 for r in groups[k])
         cands = [s for s in ("train", "val", "test") if need[(s, 0)] > 0]
-        if not cands:
-            break
-        fits = [s for s in cands if n0 <= need[(s, 0)]] or cands
-        take(max(fits, key=lambda s: open_share(s, 0)), groups[k])
+        if cands:
+            fits = [s for s in cands if n0 <= need[(s, 0)]] or cands
+            take(max(fits, key=lambda s: open_share(s, 0)), groups[k])
+
+    # One pass in seeded order, so val/test normals mix patients with and without abnormal images as they occur.
+    # Patients with abnormal images go to val/test while abnormal images are needed there; after that they are
+    # kept back and give their normal images only if normal-only patients do not suffice.
+    deferred: list[str] = []
+    for k in keys:
+        if any(r.label == 1 for r in groups[k]):
+            cands = [s for s in ("val", "test") if need[(s, 1)] > 0]
+            if cands:
+                n1 = sum(r.label == 1 for r in groups[k])
+                fits = [s for s in cands if n1 <= need[(s, 1)]] or cands
+                take(max(fits, key=lambda s: open_share(s, 1)), groups[k])
+            else:
+                deferred.append(k)
+        else:
+            place_normal_donor(k)
+    for k in deferred:
+        place_normal_donor(k)
 
     short = {k: v for k, v in need.items() if v > 0}
     if short:
@@ -240,7 +250,13 @@ def index_files(root: Path, suffixes: Iterable[str], also_names: Iterable[str] =
     index: dict[str, Path] = {}
     found: dict[str, list[Path]] = defaultdict(list)
     dupes = 0
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None, followlinks=True):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a second link to a folder already indexed
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             low = name.lower()
@@ -265,3 +281,13 @@ def locate_label_file(root: Path, found: dict[str, list[Path]], names: Iterable[
     if len(cands) > 1:
         log.info("%s: using label file %s (%d candidates)", scheme, best, len(cands))
     return best
+
+
+def describe_records(records: list[Record]) -> str:
+    """'train 4479 normal + 0 abnormal; val ...' for records with splits."""
+    parts = []
+    for split in ("train", "val", "test"):
+        n0 = sum(r.split == split and r.label == 0 for r in records)
+        n1 = sum(r.split == split and r.label == 1 for r in records)
+        parts.append(f"{split} {n0} normal + {n1} abnormal")
+    return "; ".join(parts)
