@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train on normal images; calibrate on validation")
-    t.add_argument("--data", required=True, help="csv:MANIFEST, folder:PATH or phantom[:OPTIONS]")
+    t.add_argument("--data", required=True, help="csv:MANIFEST, folder:PATH, nih:PATH, rsna:PATH or phantom[:OPTIONS] (see README)")
     t.add_argument("--out", required=True, help="run folder to write")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
