@@ -32,3 +32,8 @@ def test_total_uses_the_paper_weights():
     terms = {"rec": torch.tensor(1.0), "adv": torch.tensor(1.0), "enc": torch.tensor(1.0), "feat": torch.tensor(1.0)}
     assert losses.total_generator_loss(terms, 20, 4, 8, 1).item() == 33.0
     assert losses.total_generator_loss({"rec": torch.tensor(1.0)}, 20, 4, 8, 1).item() == 20.0
+
+
+def test_feature_matching_is_mse_of_features():
+    a = torch.zeros(2, 8, 4, 4)
+    assert losses.feature_matching_loss(a, a + 3).item() == 9.0

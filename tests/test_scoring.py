@@ -69,3 +69,12 @@ def test_calibration_threshold_hits_sensitivity_on_validation():
     only_normals = fit_calibration(raw[:100], labels[:100])
     assert "95th percentile" in only_normals.rule
     assert np.mean(only_normals.normalise(raw[:100]) >= only_normals.threshold) == pytest.approx(0.05, abs=0.011)
+
+
+def test_score_terms_select_components():
+    model = build_model(resolve("paper", score_terms="enc", **TINY)).eval()
+    out = score_tensor(model, torch.zeros(2, 1, 32, 32))
+    torch.testing.assert_close(out["score"], 8 * out["enc"])
+    assert "rec" in out and "adv" in out  # components are still reported
+    with pytest.raises(ValueError, match="name none"):
+        score_tensor(build_model(resolve("paper", variant="u", score_terms="enc", **TINY)).eval(), torch.zeros(1, 1, 32, 32))

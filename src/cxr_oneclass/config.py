@@ -31,6 +31,8 @@ class Config:
     w_adv: float = 4.0
     w_enc: float = 8.0
     w_feat: float = 1.0
+    adv_loss: str = "bce"  # bce: eq. 2 for U; feature: L2 between D's deepest features on x and x' (GANomaly)
+    score_terms: str = "rec+adv+enc"  # terms of A(x) (those the variant has), weighted by w_rec, w_adv, w_enc
     # --- optimisation ---
     epochs: int = 15
     batch_size: int = 64
@@ -62,6 +64,11 @@ class Config:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.adv_loss not in ("bce", "feature"):
+            raise ConfigError(f"adv-loss must be bce or feature, got {self.adv_loss!r}")
+        bad = set(self.score_terms.split("+")) - {"rec", "adv", "enc"}
+        if bad or not self.score_terms:
+            raise ConfigError(f"score terms must be '+'-joined rec/adv/enc, got {self.score_terms!r}")
         if self.noise_std < 0 or self.lr <= 0:
             raise ConfigError("noise-std must be >= 0 and lr > 0")
 
@@ -100,6 +107,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Methods an experiment can compare: the paper's ablation variants and two baselines written in this project,
+# trained with the same data, preprocessing, epochs and evaluation (overrides on top of the chosen preset).
+METHODS: dict[str, dict[str, Any]] = {
+    "u": {"variant": "u"},
+    "u+e": {"variant": "u+e"},
+    "u+d": {"variant": "u+d"},
+    "full": {"variant": "full"},
+    # Plain convolutional autoencoder: no skips, a small latent, scored by reconstruction error.
+    "ae": {"variant": "u", "skips": 0, "latent_dim": 32, "noise_std": 0.0, "score_terms": "rec"},
+    # GANomaly (Akcay et al., 2018): encoder-decoder-encoder without skips, adversarial feature matching,
+    # weights w_adv 1, w_rec 50, w_enc 1, no feature-map loss, scored by the latent distance.
+    "ganomaly": {
+        "variant": "full", "skips": 0, "noise_std": 0.0, "adv_loss": "feature",
+        "w_rec": 50.0, "w_adv": 1.0, "w_enc": 1.0, "w_feat": 0.0, "score_terms": "enc",
+    },
+}
+
+
+def method_config(method: str, base: Config) -> Config:
+    """`base` with a method's overrides (see METHODS)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return dataclasses.replace(base, **METHODS[method])
+
+
 def resolve(preset: str = "paper", **overrides: Any) -> Config:
     """A preset's config with single values overridden; `None` overrides are ignored (flag not given)."""
     if preset not in PRESETS:
@@ -119,4 +151,4 @@ def replace(cfg: Config, **changes: Any) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["Config", "PRESETS", "VARIANTS", "resolve", "replace", "n_down_layers"]
+__all__ = ["Config", "PRESETS", "VARIANTS", "METHODS", "method_config", "resolve", "replace", "n_down_layers"]

@@ -16,6 +16,11 @@ def adversarial_generator_loss(logit_fake: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
 
 
+def feature_matching_loss(feat_real: torch.Tensor, feat_fake: torch.Tensor) -> torch.Tensor:
+    """GANomaly's adversarial loss for the generator: L2 between D's features of x and of x' (not in the paper)."""
+    return F.mse_loss(feat_fake, feat_real)
+
+
 def adversarial_discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
     """Eq. 2, D's side: BCE of real CXRs as 1 and reconstructions as 0 (averaged over the two halves)."""
     real = F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))

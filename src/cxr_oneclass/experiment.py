@@ -1,0 +1,141 @@
+"""Experiments: every method (ablation variants, baselines) x repeats with different seeds on one fixed split.
+
+Writes DIR/results.{md,csv,json}: AUC mean ± std per method in the layout of the paper's Table 1, the AUC of
+each score component, training time and images/s. Each run lives in DIR/runs/<method>/seed<k>/; a finished run
+(metrics.json present) is skipped when the command is run again, and an interrupted one is started over.
+The test split is scored per epoch for analysis only (`test_auc_not_for_selection` in history.csv); selection,
+normalisation and thresholds use validation data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, method_config
+from .data.sources import Dataset, load_dataset
+from .io_utils import write_csv, write_json, write_text
+from .workflow import evaluate_run, train_run
+
+log = logging.getLogger(__name__)
+
+PAPER_TABLE1 = {  # Tang et al. 2019, Table 1: NIH normal vs abnormal; RSNA normal vs lung opacity
+    "u": (0.627, 0.592),
+    "u+e": (0.687, 0.659),
+    "u+d": (0.737, 0.720),
+    "full": (0.841, 0.802),
+}
+MONITOR_NAME = "test_auc_not_for_selection"
+
+
+@dataclass
+class ExperimentPlan:
+    data: str
+    out: Path
+    methods: list[str]
+    repeats: int
+    base: Config
+    split_seed: int = 0
+
+    def run_dir(self, method: str, repeat: int) -> Path:
+        return self.out / "runs" / method / f"seed{self.base.seed + repeat}"
+
+
+def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable[[str, int, dict | None], None] | None = None) -> list[dict]:
+    """Train and evaluate every (method, repeat); returns one row per run and writes the results files."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_json(plan.out / "experiment.json", {"data": plan.data, "methods": plan.methods, "repeats": plan.repeats, "base_config": plan.base.to_dict(), "split_seed": plan.split_seed})
+    dataset: Dataset | None = None
+    rows = []
+    for method in plan.methods:
+        cfg0 = method_config(method, plan.base)  # validates the name before any work
+        for r in range(plan.repeats):
+            run_dir = plan.run_dir(method, r)
+            done = run_dir / "metrics.json"
+            if done.is_file():
+                row = json.loads(done.read_text())["row"]
+                log.info("skip %s seed %d: finished earlier", method, row["seed"])
+                if on_run:
+                    on_run(method, r, None)
+                rows.append(row)
+                continue
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a run interrupted before its metrics: start it over
+            if dataset is None:
+                # One split for every run: the data seed is fixed, only the model seed changes per repeat.
+                dataset = load_dataset(plan.data, plan.base.image_size, plan.split_seed)
+            cfg = method_config(method, Config.from_dict({**cfg0.to_dict(), "seed": plan.base.seed + r}))
+            monitor = {MONITOR_NAME: dataset["test"]} if "test" in dataset.splits else None
+            outcome = train_run(cfg, dataset, run_dir / "model", progress=progress, monitor=monitor)
+            metrics = evaluate_run(run_dir / "model", dataset, "test", run_dir / "eval")
+            last = outcome.history[-1]
+            row = {
+                "method": method,
+                "seed": cfg.seed,
+                "auc": metrics["auc"],
+                **{f"auc_{k}": v for k, v in metrics["component_auc"].items()},
+                "val_auc": outcome.val_auc,
+                "train_seconds": round(outcome.seconds, 1),
+                "images_per_s": last["images_per_s"],
+                "epochs": cfg.epochs,
+            }
+            write_json(done, {"row": row, "metrics": metrics})  # last: its presence marks the run finished
+            if on_run:
+                on_run(method, r, row)
+            rows.append(row)
+    write_results(plan, rows)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
+    out = []
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        s = {"method": m, "runs": len(rs)}
+        for key in ("auc", "auc_rec", "auc_adv", "auc_enc", "val_auc", "train_seconds", "images_per_s"):
+            s[f"{key}_mean"], s[f"{key}_std"] = _mean_std([r.get(key) for r in rs])
+        out.append(s)
+    return out
+
+
+def _fmt(mean: float | None, std: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_results(plan: ExperimentPlan, rows: list[dict]) -> None:
+    summary = summarise(rows, plan.methods)
+    write_csv(plan.out / "results.csv", rows)
+    write_json(plan.out / "results.json", {"data": plan.data, "repeats": plan.repeats, "summary": summary, "runs": rows})
+    lines = [
+        f"# Experiment on `{plan.data}`",
+        "",
+        f"{plan.repeats} repeat(s) per method (seeds {plan.base.seed}..{plan.base.seed + plan.repeats - 1}), one split "
+        f"(split seed {plan.split_seed}), {plan.base.epochs} epochs, {plan.base.image_size} px. Test AUC, mean ± std over repeats; "
+        "thresholds and normalisation from validation only.",
+        "",
+        "| method | test AUC | AUC rec | AUC adv | AUC enc | val AUC | train s | images/s | paper (NIH / RSNA) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        paper = PAPER_TABLE1.get(s["method"])
+        lines.append(
+            f"| {s['method']} | {_fmt(s['auc_mean'], s['auc_std'])} | {_fmt(s['auc_rec_mean'], s['auc_rec_std'])} | "
+            f"{_fmt(s['auc_adv_mean'], s['auc_adv_std'])} | {_fmt(s['auc_enc_mean'], s['auc_enc_std'])} | "
+            f"{_fmt(s['val_auc_mean'], s['val_auc_std'])} | {_fmt(s['train_seconds_mean'], s['train_seconds_std'], 0)} | "
+            f"{_fmt(s['images_per_s_mean'], s['images_per_s_std'], 1)} | {'%.3f / %.3f' % paper if paper else '–'} |"
+        )
+    write_text(plan.out / "results.md", "\n".join(lines) + "\n")

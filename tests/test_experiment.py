@@ -1,0 +1,62 @@
+import csv
+import json
+
+import pytest
+
+from cxr_oneclass.cli import main
+from cxr_oneclass.config import ConfigError, resolve
+from cxr_oneclass.experiment import ExperimentPlan, run_experiment
+
+DATA = "phantom:n_train=32,n_val_normal=8,n_val_abnormal=10,n_test_normal=8,n_test_abnormal=10"
+BASE = dict(image_size=32, width=8, batch_size=16, epochs=1, num_threads=2)
+
+
+def test_tiny_experiment_writes_results_and_resumes(tmp_path):
+    plan = ExperimentPlan(DATA, tmp_path / "x", ["u", "full"], 2, resolve("paper", **BASE))
+    calls = []
+    rows = run_experiment(plan, progress=False, on_run=lambda m, r, row: calls.append((m, r, row is None)))
+    assert [(r["method"], r["seed"]) for r in rows] == [("u", 0), ("u", 1), ("full", 0), ("full", 1)]
+    assert all(skipped is False for *_, skipped in calls)
+    for name in ("results.md", "results.csv", "results.json"):
+        assert (tmp_path / "x" / name).is_file()
+    summary = json.loads((tmp_path / "x" / "results.json").read_text())["summary"]
+    assert [s["method"] for s in summary] == ["u", "full"] and all(s["runs"] == 2 for s in summary)
+    assert "| full |" in (tmp_path / "x" / "results.md").read_text()
+    hist = list(csv.DictReader(open(tmp_path / "x" / "runs" / "full" / "seed1" / "model" / "history.csv")))
+    assert "test_auc_not_for_selection" in hist[0] and "val_auc" in hist[0]
+    # different seeds, different models: the same test image gets different raw scores
+    raw = [next(csv.DictReader(open(tmp_path / "x" / "runs" / "u" / s / "eval" / "scores.csv")))["raw_score"] for s in ("seed0", "seed1")]
+    assert raw[0] != raw[1]
+
+    # resume: finished runs are kept; an interrupted one (no metrics.json) is redone from scratch
+    (tmp_path / "x" / "runs" / "full" / "seed1" / "metrics.json").unlink()
+    (tmp_path / "x" / "runs" / "full" / "seed1" / "model" / "junk.tmp").write_text("half-written")
+    calls.clear()
+    rows2 = run_experiment(plan, progress=False, on_run=lambda m, r, row: calls.append((m, r, row is None)))
+    assert [c[2] for c in calls] == [True, True, True, False]
+    assert not (tmp_path / "x" / "runs" / "full" / "seed1" / "model" / "junk.tmp").exists()
+    assert rows2[:3] == rows[:3]
+
+
+def test_baselines_train_and_score(tmp_path):
+    plan = ExperimentPlan(DATA, tmp_path / "b", ["ae", "ganomaly"], 1, resolve("paper", **BASE))
+    rows = run_experiment(plan, progress=False)
+    ae, gan = rows
+    assert ae["auc_rec"] is not None and "auc_enc" not in ae  # AE: U only, scored by reconstruction
+    assert gan["auc_enc"] is not None
+    cfg = json.loads((tmp_path / "b" / "runs" / "ganomaly" / "seed0" / "model" / "config.json").read_text())["config"]
+    assert cfg["skips"] == 0 and cfg["adv_loss"] == "feature" and cfg["score_terms"] == "enc"
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown method"):
+        run_experiment(ExperimentPlan(DATA, tmp_path / "z", ["vae"], 1, resolve("paper", **BASE)), progress=False)
+
+
+def test_experiment_cli(tmp_path, capsys):
+    args = ["-q", "experiment", "--data", DATA, "--out", str(tmp_path / "c"), "--variants", "u", "--repeats", "1",
+            "--image-size", "32", "--width", "8", "--batch-size", "16", "--epochs", "1"]
+    assert main(args) == 0
+    assert "test AUC" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "finished earlier" in capsys.readouterr().out
