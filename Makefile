@@ -20,5 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# Training and scoring speed vs. this machine's compute ceiling (ARGS=--quick for a smoke test, --ablate for more).
+bench: $(STAMP)
+	$(PY) benchmarks/speed.py --out runs/bench/speed.json $(ARGS)
+
 clean:
 	rm -rf runs .pytest_cache

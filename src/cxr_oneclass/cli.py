@@ -1,4 +1,4 @@
-"""Command line: `cxr-oneclass train|evaluate|score|demo`. The only module that prints or exits."""
+"""Command line: `cxr-oneclass train|evaluate|score|export|demo`. The only module that prints or exits."""
 
 from __future__ import annotations
 
@@ -38,10 +38,22 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .runtime import pick_device
     from .workflow import train_run
 
     cfg = config_from_args(args)
-    out = train_run(cfg, args.data, args.out, progress=not args.quiet)
+    # Under torchrun (WORLD_SIZE > 1): data-parallel training; every rank trains, rank 0 writes and prints.
+    if distributed.init_from_env(pick_device(cfg.device).type):
+        try:
+            out = train_run(cfg, args.data, args.out, progress=not args.quiet and distributed.is_main())
+            if not distributed.is_main():
+                return 0
+            print(f"data-parallel over {distributed.world_size()} processes (global batch {cfg.batch_size})")
+        finally:
+            distributed.shutdown()
+    else:
+        out = train_run(cfg, args.data, args.out, progress=not args.quiet)
     last = out.history[-1]
     print(f"data: {out.extra['data_summary']}")
     print(f"trained {cfg.variant} ({args.preset}) for {cfg.epochs} epochs in {out.seconds:.1f} s, {last['images_per_s']:.1f} images/s")
@@ -74,7 +86,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .io_utils import write_csv
     from .workflow import score_paths
 
-    results, errors = score_paths(args.run, args.paths, heatmap_dir=args.heatmaps)
+    if args.onnx:  # an exported graph: every positional argument is an image or folder
+        source, paths = args.onnx, [args.run, *args.paths]
+    elif not args.paths:
+        raise CxrError("no images to score: give RUN then one or more files or folders (or --onnx FILE PATH...)")
+    else:
+        source, paths = args.run, args.paths
+    results, errors = score_paths(source, paths, heatmap_dir=args.heatmaps)
     if args.csv:
         rows = [{"file": r.path, "score": f"{r.score:.6f}", "flag": int(r.flagged), **r.components} for r in results]
         write_csv(args.csv, rows, ["file", "score", "flag", "rec", "adv", "enc"])
@@ -91,11 +109,47 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    info = export_run(args.run, args.onnx, opset=args.opset, verify=not args.no_verify)
+    print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB): input uint8 (B,1,H,W); outputs score, components, heatmap")
+    if info["max_rel_diff"] is not None:
+        print(f"onnxruntime vs PyTorch scores: max relative difference {info['max_rel_diff']:.1e}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     print(summary)
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import ExperimentPlan, run_experiment
+
+    methods = [m.strip() for m in (args.variants.split(",") + (args.baselines.split(",") if args.baselines else [])) if m.strip()]
+    plan = ExperimentPlan(args.data, Path(args.out), methods, args.repeats, config_from_args(args), args.split_seed)
+
+    def on_run(method: str, repeat: int, row: dict | None) -> None:
+        if row is None:
+            print(f"{method} repeat {repeat + 1}/{args.repeats}: finished earlier, kept")
+        else:
+            print(f"{method} repeat {repeat + 1}/{args.repeats}: test AUC {row['auc']:.4f} ({row['train_seconds']:.0f} s)")
+
+    run_experiment(plan, progress=not args.quiet, on_run=on_run)
+    print((plan.out / "results.md").read_text())
+    print(f"wrote {plan.out / 'results.md'}, results.csv, results.json")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    html_path = write_report(args.path, args.out)
+    print(f"wrote {html_path} (self-contained) and {html_path.with_name('report.md')} (+ report_figures/)")
     return 0
 
 
@@ -120,11 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("score", help="score image files or folders")
-    s.add_argument("run")
-    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("run", metavar="RUN", help="run folder (with --onnx: the first PATH)")
+    s.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders")
+    s.add_argument("--onnx", metavar="FILE", help="score with an exported .onnx graph instead of a run folder")
     s.add_argument("--csv", help="write scores here instead of printing")
     s.add_argument("--heatmaps", help="folder for residual heat-map overlays")
     s.set_defaults(func=cmd_score)
+
+    x = sub.add_parser("experiment", help="every variant and baseline x repeats on one split; Table-1-style results")
+    x.add_argument("--data", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--variants", default="u,u+e,u+d,full", help="comma-separated ablation variants")
+    x.add_argument("--baselines", default="", help="comma-separated baselines: ae, ganomaly")
+    x.add_argument("--repeats", type=int, default=5)
+    x.add_argument("--split-seed", type=int, default=0, help="seed of the data split (fixed across repeats)")
+    _add_config_flags(x)
+    x.set_defaults(func=cmd_experiment)
+
+    r = sub.add_parser("report", help="HTML + Markdown report of a run or an experiment folder")
+    r.add_argument("path", metavar="PATH", help="a run folder or an experiment folder")
+    r.add_argument("--out", help="folder for report.html, report.md and report_figures/ (default: PATH)")
+    r.set_defaults(func=cmd_report)
+
+    o = sub.add_parser("export", help="export a run's scoring graph to ONNX")
+    o.add_argument("run")
+    o.add_argument("--onnx", required=True, metavar="OUT", help=".onnx file to write")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    o.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="the whole job on generated phantom radiographs")
     d.add_argument("--out", default="runs/demo")

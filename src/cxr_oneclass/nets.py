@@ -8,6 +8,8 @@ Shapes at the paper's 64 px with width 64 and latent 100:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -156,3 +158,55 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 def build_model(cfg: Config) -> OneClassGAN:
     return OneClassGAN(cfg)
+
+
+# ----------------------------------------------------------------------------------------- inference copy
+
+def _fold_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    """A copy of `conv` (Conv2d or ConvTranspose2d) with eval-mode `bn` folded in: conv(x)·s + t with
+    s = γ/√(var+ε), t = β − mean·s, as new weights (output channels scaled by s) and a bias."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias.detach() - bn.running_mean * scale
+    fused = type(conv)(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True
+    )
+    w = conv.weight.detach()
+    # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
+    view = (-1, 1, 1, 1) if isinstance(conv, nn.Conv2d) else (1, -1, 1, 1)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(shift)
+    with torch.no_grad():
+        fused.weight.copy_(w * scale.reshape(view))
+        fused.bias.copy_(bias * scale + shift)
+    return fused.to(device=w.device)
+
+
+def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
+    mods = list(seq)
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(nxt, nn.BatchNorm2d):
+            out.append(_fold_bn(m, nxt))
+            i += 2
+        else:
+            out.append(copy.deepcopy(m))
+            i += 1
+    return nn.Sequential(*out)
+
+
+def fold_batchnorm(model: OneClassGAN) -> OneClassGAN:
+    """An eval-only copy of `model` with every batch norm folded into the convolution before it.
+
+    Same function as the model in eval mode (batch norm on running statistics) up to float rounding, one
+    memory pass less per layer. For scoring and export only: the copy has no batch norm left to train.
+    """
+    folded = copy.deepcopy(model).eval()
+    for mod in list(folded.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.Sequential) and any(isinstance(c, nn.BatchNorm2d) for c in child):
+                setattr(mod, name, _fold_sequential(child))
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded.eval()

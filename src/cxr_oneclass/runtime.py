@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -30,8 +33,27 @@ def seed_everything(seed: int) -> torch.Generator:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast when asked (CPU or CUDA); fp32 otherwise."""
     if precision == "bf16":
+        warn_if_bf16_is_emulated(device)
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 convolutions and matmuls run on hardware support: AVX512-BF16 or AMX on CPU (through
+    oneDNN), bf16 tensor cores on CUDA. Elsewhere PyTorch emulates bf16 and it is far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+_warned_bf16: set[str] = set()
+
+
+def warn_if_bf16_is_emulated(device: torch.device) -> None:
+    if device.type not in _warned_bf16 and not bf16_native(device):
+        _warned_bf16.add(device.type)
+        log.warning("bf16 asked for, but this %s has no native bf16 (AVX512-BF16/AMX): it runs emulated, many times "
+                    "slower than fp32; use --precision fp32 here", "CPU" if device.type == "cpu" else "GPU")
 
 
 def to_model_range(batch_u8: torch.Tensor) -> torch.Tensor:

@@ -10,26 +10,30 @@ depends on the other images in its batch.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .nets import OneClassGAN
-from .runtime import autocast, to_model_range
+from .nets import OneClassGAN, fold_batchnorm
+from .runtime import to_model_range, warn_if_bf16_is_emulated
 
 COMPONENTS = ("rec", "adv", "enc")
 
 
 def component_weights(model: OneClassGAN) -> dict[str, float]:
+    """Weights of the score terms that the variant has and the config scores with (`score_terms`)."""
     cfg = model.cfg
+    chosen = set(cfg.score_terms.split("+"))
     weights = {"rec": cfg.w_rec}
     if model.D is not None:
         weights["adv"] = cfg.w_adv
     if model.E is not None:
         weights["enc"] = cfg.w_enc
-    return weights
+    return {k: w for k, w in weights.items() if k in chosen}
 
 
 @torch.no_grad()
@@ -37,20 +41,48 @@ def score_tensor(model: OneClassGAN, x: torch.Tensor, precision: str = "fp32") -
     """x (B,1,H,W) in [-1,1] -> per-image components (B,), raw score (B,), reconstruction and heat map (B,H,W)."""
     if model.training:
         raise RuntimeError("score_tensor needs the model in eval mode (batch norm on running statistics)")
-    with autocast(x.device, precision):
-        x_rec, z, _ = model.U(x)
-        out = {"rec": (x - x_rec.float()).abs().mean(dim=(1, 2, 3))}
-        if model.E is not None:
-            z_rec, _ = model.E(x_rec)
-            out["enc"] = (z.float() - z_rec.float()).pow(2).mean(dim=1)
-        if model.D is not None:
-            logit, _ = model.D(x_rec)
-            out["adv"] = 1.0 - torch.sigmoid(logit.float())
+    net = inference_model(model, precision)
+    x = x.float()
+    x_net = x.to(dtype=torch.bfloat16 if precision == "bf16" else torch.float32, memory_format=torch.channels_last)
+    x_rec, z, _ = net.U(x_net)
+    x_rec = x_rec.float()
+    resid = (x - x_rec).abs()
+    out = {"rec": resid.mean(dim=(1, 2, 3))}
+    if net.E is not None:
+        z_rec, _ = net.E(x_rec.to(x_net.dtype))
+        out["enc"] = (z.float() - z_rec.float()).pow(2).mean(dim=1)
+    if net.D is not None:
+        logit, _ = net.D(x_rec.to(x_net.dtype))
+        out["adv"] = 1.0 - torch.sigmoid(logit.float())
     weights = component_weights(model)
+    if not weights:
+        raise ValueError(f"score terms {model.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
     out["score"] = sum(weights[k] * out[k] for k in weights)
-    out["heatmap"] = (x - x_rec.float()).abs()[:, 0]  # (B, H, W), same units as the rec component
-    out["reconstruction"] = x_rec.float()[:, 0]
+    out["heatmap"] = resid[:, 0]  # (B, H, W), same units as the rec component
+    out["reconstruction"] = x_rec[:, 0]
     return out
+
+
+# Eval-only copies for scoring, one per (model, precision), rebuilt when the model's weights or statistics change
+# (in-place updates bump a tensor's version; moving the model gives new storage).
+_INFERENCE: "weakref.WeakKeyDictionary[OneClassGAN, dict]" = weakref.WeakKeyDictionary()
+
+
+def inference_model(model: OneClassGAN, precision: str = "fp32") -> OneClassGAN:
+    """The networks as scoring runs them: batch norm folded into the convolutions (eval-mode statistics),
+    channels-last weights, and for bf16 the weights themselves in bfloat16 (no per-call autocast casts).
+    Cached until `model` changes; computes what `model` in eval mode computes, up to rounding."""
+    state = [(t.data_ptr(), t._version) for t in chain(model.parameters(), model.buffers())]
+    cache = _INFERENCE.setdefault(model, {})
+    hit = cache.get(precision)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    net = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    if precision == "bf16":
+        warn_if_bf16_is_emulated(next(model.parameters()).device)
+        net = net.to(torch.bfloat16)
+    cache[precision] = (state, net)
+    return net
 
 
 def score_images(

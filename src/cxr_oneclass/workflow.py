@@ -6,6 +6,7 @@ Validation data picks the normalisation and threshold; the test split is only ev
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import load_run, save_run
 from .config import Config
 from .data.images import IMAGE_SUFFIXES, load_image
@@ -42,8 +43,12 @@ class TrainOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: bool = True) -> TrainOutcome:
-    """Train on the train split, calibrate on val, save model.safetensors + config.json + history.csv."""
+def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: bool = True, monitor: dict[str, ImageSet] | None = None) -> TrainOutcome:
+    """Train on the train split, calibrate on val, save model.safetensors + config.json + history.csv.
+
+    `monitor` maps a column name to an image set whose AUC is logged per epoch, for analysis only (experiments log
+    the test split as `test_auc_not_for_selection`); nothing here reads those columns.
+    """
     out_dir = Path(out_dir)
     ds = data if isinstance(data, Dataset) else load_dataset(data, cfg.image_size, cfg.seed, splits=("train", "val"))
     train = ds.splits.get("train")
@@ -55,6 +60,8 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
         # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
         if val is not None and val.n_abnormal and val.n_normal:
             row["val_auc"] = auc(val.labels, score_images(model, val.images, cfg.batch_size)["score"])
+        for name, images in (monitor or {}).items():
+            row[name] = auc(images.labels, score_images(model, images.images, cfg.batch_size)["score"])
 
     t0 = time.perf_counter()
     result = fit(cfg, train.images[train.labels == 0], on_epoch_end=on_epoch_end, progress=progress)
@@ -74,8 +81,9 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
         "val_auc": val_auc,
         "skipped_files": [str(e) for e in ds.skipped],
     }
-    save_run(out_dir, model, cfg, calibration, extra)
-    write_csv(out_dir / "history.csv", result.history)
+    if distributed.is_main():  # under torchrun every rank trains the same model; only rank 0 writes it
+        save_run(out_dir, model, cfg, calibration, extra)
+        write_csv(out_dir / "history.csv", result.history)
     return TrainOutcome(out_dir, model, calibration, result.history, ds, time.perf_counter() - t0, val_auc, extra)
 
 
@@ -137,9 +145,28 @@ def expand_paths(paths: list[str | Path]) -> tuple[list[Path], list[ImageError]]
 
 
 def score_paths(run_dir: str | Path, paths: list[str | Path], heatmap_dir: str | Path | None = None, batch_size: int = 64) -> tuple[list[FileScore], list[ImageError]]:
-    """Score image files in bounded-memory chunks; unreadable files are reported, never fatal for the others."""
-    model, calibration, _ = load_run(run_dir)
-    size = model.cfg.image_size
+    """Score image files in bounded-memory chunks; unreadable files are reported, never fatal for the others.
+
+    `run_dir` is a run folder, or an .onnx file written by `export` (scored with onnxruntime; the file carries
+    image size and calibration). Threads decode chunk k+1 while chunk k is scored: at most two chunks of images
+    are in memory, whatever the number of files.
+    """
+    keep_maps = heatmap_dir is not None
+    if Path(run_dir).suffix.lower() == ".onnx":
+        from .export import OnnxScorer
+
+        onnx_scorer = OnnxScorer(run_dir)
+        size, calibration = onnx_scorer.image_size, onnx_scorer.calibration
+
+        def score(arr: np.ndarray) -> dict[str, np.ndarray]:
+            return onnx_scorer.score(arr, batch_size, keep_maps=keep_maps)
+    else:
+        model, calibration, _ = load_run(run_dir)
+        size = model.cfg.image_size
+
+        def score(arr: np.ndarray) -> dict[str, np.ndarray]:
+            return score_images(model, arr, batch_size, keep_maps=keep_maps)
+
     files, errors = expand_paths(paths)
     results: list[FileScore] = []
     used_names: set[str] = set()
@@ -150,16 +177,19 @@ def score_paths(run_dir: str | Path, paths: list[str | Path], heatmap_dir: str |
         except ImageError as exc:
             return exc
 
-    with ThreadPoolExecutor(4) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            decoded = list(pool.map(decode, chunk))
+    chunks = [files[s : s + batch_size] for s in range(0, len(files), batch_size)]
+    with ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
+        pending = [pool.submit(decode, p) for p in chunks[0]] if chunks else []
+        for k, chunk in enumerate(chunks):
+            decoded = [f.result() for f in pending]
+            # Decode the next chunk in the background while this one is scored.
+            pending = [pool.submit(decode, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
             ok = [(p, a) for p, a in zip(chunk, decoded) if not isinstance(a, ImageError)]
             errors += [a for a in decoded if isinstance(a, ImageError)]
             if not ok:
                 continue
             arr = np.stack([a for _, a in ok])
-            scored = score_images(model, arr, batch_size, keep_maps=heatmap_dir is not None)
+            scored = score(arr)
             norm = calibration.normalise(scored["score"]) if calibration else scored["score"]
             thr = calibration.threshold if calibration else float("inf")
             for i, (p, _) in enumerate(ok):

@@ -1,0 +1,166 @@
+"""ONNX export of the whole scoring graph, and scoring with onnxruntime.
+
+The graph (`ScoringGraph`):
+    input   image     uint8 (B, 1, H, W): grey images already decoded and resized to the run's size, exactly what
+                      `data.images.load_image` returns (stack them and add the channel axis); B is dynamic
+    outputs score     float32 (B,): the raw anomaly score A(x) (eq. of scoring.py, eval-mode batch norm)
+            rec, adv, enc  float32 (B,): the components the model has (adv for u+d/full, enc for u+e/full)
+            heatmap   float32 (B, H, W): |x - x'| in the model's [-1, 1] units (its mean is `rec`)
+
+Metadata (`metadata_props`) carries what scoring needs without the run folder: `cxr_oneclass.image_size`,
+`cxr_oneclass.calibration` (JSON: lo, hi, threshold on the normalised scale; "null" if the run had none),
+`cxr_oneclass.config`, `cxr_oneclass.components`, `cxr_oneclass.version`. normalised = (score - lo) / (hi - lo);
+an image is flagged when normalised >= threshold.
+
+Exported with the TorchScript-based exporter (`dynamo=False`: the torch.export-based one needs onnxscript), batch
+norm folded into the convolutions, opset 17.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import RunError
+from .io_utils import atomic_path
+from .nets import OneClassGAN, fold_batchnorm
+from .scoring import COMPONENTS, Calibration, component_weights, score_tensor
+
+FORMAT = "cxr-oneclass-onnx/1"
+OPSET = 17
+META = "cxr_oneclass."
+
+
+class ScoringGraph(nn.Module):
+    """uint8 images (B,1,H,W) -> (score, components..., heatmap), as `scoring.score_tensor` computes them."""
+
+    def __init__(self, model: OneClassGAN) -> None:
+        super().__init__()
+        self.net = fold_batchnorm(model).float().cpu()
+        self.weights = component_weights(model)
+        self.components = [k for k in COMPONENTS if (k != "adv" or model.D is not None) and (k != "enc" or model.E is not None)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["score", *self.components, "heatmap"]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = image.float() / 127.5 - 1.0
+        x_rec, z, _ = self.net.U(x)
+        resid = (x - x_rec).abs()
+        comps = {"rec": resid.mean(dim=(1, 2, 3))}
+        if self.net.E is not None:
+            z_rec, _ = self.net.E(x_rec)
+            comps["enc"] = (z - z_rec).pow(2).mean(dim=1)
+        if self.net.D is not None:
+            logit, _ = self.net.D(x_rec)
+            comps["adv"] = 1.0 - torch.sigmoid(logit)
+        score = sum(w * comps[k] for k, w in self.weights.items())
+        return (score, *[comps[k] for k in self.components], resid[:, 0])
+
+
+def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | None = None, opset: int = OPSET, check: bool = True) -> Path:
+    """Write the scoring graph of `model` to `out` (atomically: temp file + rename) with the metadata above;
+    `onnx.checker` validates it before it replaces `out`."""
+    import onnx
+
+    out = Path(out)
+    graph = ScoringGraph(model).eval()
+    size = model.cfg.image_size
+    example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    names = graph.output_names
+    dynamic = {"image": {0: "batch"}, **{k: {0: "batch"} for k in names}}
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                graph, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["image"],
+                output_names=names, dynamic_axes=dynamic, do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        meta = {
+            "format": FORMAT,
+            "version": __version__,
+            "image_size": str(size),
+            "input": "uint8 (B,1,H,W) grey, as data.images.load_image returns",
+            "components": ",".join(graph.components),
+            "score_weights": json.dumps(graph.weights),
+            "calibration": json.dumps(calibration.to_dict() if calibration else None),
+            "config": json.dumps(model.cfg.to_dict()),
+        }
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = META + k, v
+        proto.producer_name = "cxr-oneclass"
+        proto.producer_version = __version__
+        proto.doc_string = "cxr-oneclass scoring graph; see cxr_oneclass/export.py for inputs, outputs and metadata"
+        if check:
+            onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+    return out
+
+
+def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, verify: bool = True) -> dict:
+    """Export a trained run; with `verify`, score random images with onnxruntime and PyTorch and return the
+    largest relative difference of the scores (raises if it exceeds 1e-4)."""
+    from .checkpoint import load_run
+
+    model, calibration, _ = load_run(run_dir)
+    path = export_onnx(model, out, calibration, opset)
+    info = {"path": str(path), "bytes": path.stat().st_size, "max_rel_diff": None}
+    if verify:
+        rng = np.random.default_rng(0)
+        size = model.cfg.image_size
+        images = rng.integers(0, 256, (5, size, size), dtype=np.uint8)
+        ref = score_tensor(model, torch.from_numpy(images).unsqueeze(1).float().div(127.5).sub(1.0))
+        got = OnnxScorer(path).score(images)
+        rel = max(float(np.max(np.abs(got[k] - ref[k].double().numpy()) / np.maximum(np.abs(ref[k].double().numpy()), 1e-12))) for k in ("score", *[c for c in COMPONENTS if c in ref]))
+        info["max_rel_diff"] = rel
+        if rel > 1e-4:
+            raise RunError(f"{path}: onnxruntime scores differ from PyTorch by {rel:.2e} (relative)")
+    return info
+
+
+class OnnxScorer:
+    """Scores uint8 images (N, H, W) with an exported graph, using only the .onnx file."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RunError(f"{self.path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=ort.get_available_providers())
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RunError(f"{self.path}: not a usable ONNX model ({str(exc).splitlines()[0]})") from exc
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get(META + "format") != FORMAT:
+            raise RunError(f"{self.path}: not a cxr-oneclass export (no {META}format metadata)")
+        self.image_size = int(meta[META + "image_size"])
+        cal = json.loads(meta.get(META + "calibration", "null"))
+        self.calibration = Calibration.from_dict(cal) if cal else None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def score(self, images: np.ndarray, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
+        """Like `scoring.score_images`: score and components (N,) as float64, heat maps (N,H,W) as float16."""
+        chunks: dict[str, list[np.ndarray]] = {}
+        for s in range(0, len(images), batch_size):
+            batch = np.ascontiguousarray(images[s : s + batch_size], dtype=np.uint8)[:, None]
+            for name, value in zip(self.outputs, self.session.run(self.outputs, {"image": batch})):
+                if name == "heatmap":
+                    if keep_maps:
+                        chunks.setdefault(name, []).append(value.astype(np.float16))
+                else:
+                    chunks.setdefault(name, []).append(value.astype(np.float64))
+        return {k: np.concatenate(v) for k, v in chunks.items()}

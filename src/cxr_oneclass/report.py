@@ -1,0 +1,720 @@
+"""One report for a run or a whole experiment: `report.html` (self-contained, images embedded) and `report.md`
+(figures saved beside it as PNG files).
+
+Sections: summary (data, methods, config, results table), ROC curves (mean and min–max band over repeats),
+score histograms, training curves, operating points, reconstructions (a Figure-2-like grid) and AUC per
+subgroup. Everything is read from what training and evaluation wrote; only the reconstruction grid loads the
+model and the data again (and is skipped with a note when the data cannot be loaded). Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import RunError
+from .evaluate import auc as auc_of
+from .evaluate import operating_point
+from .io_utils import write_text
+from .scoring import COMPONENTS, threshold_at_sensitivity
+from .viz import HEAT_MAX, _save_fig
+
+log = logging.getLogger(__name__)
+
+FIG_DIR = "report_figures"
+SENSITIVITIES = ("0.90", "0.95", "0.99")
+TEST_AUC_COLUMN = "test_auc_not_for_selection"
+TEST_AUC_LABEL = "test AUC (analysis only, not used for selection)"
+SCORE_COLUMNS = {"file", "label", "score", "raw_score", *COMPONENTS}
+NORMAL_VALUES = {"", "normal", "no finding", "none", "negative", "0"}
+N_EXAMPLES = 4  # images per group in the reconstruction grid
+LOSS_NAMES = {
+    "loss_rec": "reconstruction |x - x'|",
+    "loss_adv": "adversarial (U)",
+    "loss_enc": "latent |z - z'|²",
+    "loss_feat": "feature matching",
+    "loss_g_total": "U total (weighted)",
+    "loss_d": "discriminator",
+}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class RunRecord:
+    """One trained run and what was written about it."""
+
+    method: str
+    seed: int | None
+    model_dir: Path
+    eval_dir: Path | None
+    doc: dict[str, Any]
+    history: list[dict[str, float]]
+    metrics: dict[str, Any] | None
+    scores: list[dict[str, str]] | None
+
+    @property
+    def name(self) -> str:
+        return self.method if self.seed is None else f"{self.method} seed {self.seed}"
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([int(float(r["label"])) for r in self.scores or []], dtype=np.int64)
+
+    @property
+    def score_values(self) -> np.ndarray:
+        return np.array([_float(r.get("score")) for r in self.scores or []], dtype=np.float64)
+
+    @property
+    def threshold(self) -> float | None:
+        cal = self.doc.get("calibration") or {}
+        return cal.get("threshold")
+
+
+@dataclass
+class Source:
+    kind: str  # "run" | "experiment"
+    path: Path
+    runs: list[RunRecord]
+    methods: list[str]
+    data: str | None
+    data_seed: int | None  # the seed the data spec was loaded with (experiments: the split seed)
+    experiment: dict[str, Any] | None = None
+    results_md: str | None = None
+
+    def by_method(self, method: str) -> list[RunRecord]:
+        return [r for r in self.runs if r.method == method]
+
+    @property
+    def repeats(self) -> int:
+        return max((len(self.by_method(m)) for m in self.methods), default=0)
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_csv(path: Path) -> list[dict[str, str]] | None:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except OSError:
+        return None
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    rows = _read_csv(path) or []
+    return [{k: _float(v) for k, v in r.items() if k} for r in rows]
+
+
+def _is_model_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def _read_run(method: str | None, seed: int | None, model_dir: Path, eval_dir: Path | None) -> RunRecord:
+    doc = _read_json(model_dir / "config.json") or {}
+    if method is None:
+        method = (doc.get("config") or {}).get("variant", "run")
+    metrics = scores = None
+    if eval_dir is not None:
+        metrics = _read_json(eval_dir / "metrics.json")
+        scores = _read_csv(eval_dir / "scores.csv")
+    return RunRecord(method, seed, model_dir, eval_dir, doc, _read_history(model_dir / "history.csv"), metrics, scores)
+
+
+def _find_eval(run_dir: Path) -> Path | None:
+    """RUN/eval-test, else any RUN/eval-*; None when the run was never evaluated."""
+    if (run_dir / "eval-test" / "scores.csv").is_file() or (run_dir / "eval-test" / "metrics.json").is_file():
+        return run_dir / "eval-test"
+    found = sorted(d for d in run_dir.glob("eval-*") if d.is_dir() and (d / "scores.csv").is_file())
+    return found[0] if found else None
+
+
+def _seed_of(name: str) -> int:
+    m = re.fullmatch(r"seed(-?\d+)", name)
+    return int(m.group(1)) if m else 0
+
+
+def read_source(path: str | Path) -> Source:
+    """Detect a single run (RUN/config.json + model), an experiment run (DIR/model + DIR/eval) or an experiment
+    folder (experiment.json or runs/<method>/seed<k>/) and read everything a report needs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such folder (give a run folder or an experiment folder)")
+    if _is_model_dir(path):
+        run = _read_run(None, None, path, _find_eval(path))
+        cfg = run.doc.get("config") or {}
+        return Source("run", path, [run], [run.method], run.doc.get("data"), cfg.get("seed"))
+    if _is_model_dir(path / "model"):  # one run of an experiment: DIR/model + DIR/eval
+        run = _read_run(None, None, path / "model", path / "eval" if (path / "eval").is_dir() else None)
+        exp = _read_json(path.parent.parent.parent / "experiment.json") or {}
+        seed = exp.get("split_seed", (run.doc.get("config") or {}).get("seed"))
+        return Source("run", path, [run], [run.method], run.doc.get("data"), seed)
+    exp = _read_json(path / "experiment.json")
+    runs_root = path / "runs"
+    if exp is None and not runs_root.is_dir():
+        raise RunError(f"{path}: neither a run (config.json + model.safetensors) nor an experiment (experiment.json, runs/)")
+    exp = exp or {}
+    found = sorted(d.name for d in runs_root.iterdir() if d.is_dir()) if runs_root.is_dir() else []
+    methods = [m for m in exp.get("methods", []) if m in found] + [m for m in found if m not in exp.get("methods", [])]
+    runs = []
+    for m in methods:
+        for d in sorted((d for d in (runs_root / m).glob("seed*") if d.is_dir()), key=lambda d: _seed_of(d.name)):
+            if _is_model_dir(d / "model"):
+                runs.append(_read_run(m, _seed_of(d.name), d / "model", d / "eval" if (d / "eval").is_dir() else None))
+    methods = [m for m in methods if any(r.method == m for r in runs)]
+    if not runs:
+        raise RunError(f"{path}: experiment has no finished runs under runs/<method>/seed<k>/model")
+    results_md = (path / "results.md").read_text(encoding="utf-8") if (path / "results.md").is_file() else None
+    data = exp.get("data") or runs[0].doc.get("data")
+    return Source("experiment", path, runs, methods, data, exp.get("split_seed", 0), exp, results_md)
+
+
+# ----------------------------------------------------------------------------------------------- document model
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    parts: list[tuple] = field(default_factory=list)  # ("p", text) | ("note", text) | ("table", head, rows) | ("fig", file, caption) | ("md", text)
+
+    def p(self, text: str) -> None:
+        self.parts.append(("p", text))
+
+    def note(self, text: str) -> None:
+        self.parts.append(("note", text))
+
+    def table(self, head: list[str], rows: list[list[str]]) -> None:
+        self.parts.append(("table", head, rows))
+
+    def fig(self, file: str, caption: str) -> None:
+        self.parts.append(("fig", file, caption))
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _agg(values: list[float | None], digits: int = 3, pct: bool = False) -> str:
+    """One value as is, several as mean ± std; None/NaN left out."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return "–"
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+    d = 1 if pct else digits
+    mean = statistics.fmean(vals) * scale
+    if len(vals) == 1:
+        return f"{mean:.{d}f}{unit}"
+    return f"{mean:.{d}f} ± {statistics.stdev(vals) * scale:.{d}f}{unit}"
+
+
+def _colour(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+def _summary_section(src: Source) -> Section:
+    s = Section("summary", "Summary")
+    first = src.runs[0]
+    s.p(f"Report on {'experiment' if src.kind == 'experiment' else 'run'} `{src.path}` "
+        f"(cxr-oneclass {__version__}).")
+    s.p(f"Data: `{src.data or 'unknown'}`" + (f" — {first.doc['data_summary']}" if first.doc.get("data_summary") else ""))
+    if src.kind == "experiment":
+        seeds = sorted({r.seed for r in src.runs if r.seed is not None})
+        s.p(f"Methods: {', '.join(src.methods)}; repeats: {src.repeats} per method (seeds {', '.join(map(str, seeds))}); "
+            f"split seed {src.data_seed}.")
+        base = (src.experiment or {}).get("base_config") or first.doc.get("config") or {}
+    else:
+        base = first.doc.get("config") or {}
+        s.p(f"Method (variant): {first.method}.")
+    if base:
+        s.p("Config: " + " · ".join(f"{k}={v}" for k, v in base.items()))
+    if src.kind == "experiment":
+        diffs = []
+        for m in src.methods:
+            cfg = src.by_method(m)[0].doc.get("config") or {}
+            d = {k: v for k, v in cfg.items() if k != "seed" and base.get(k) != v}
+            diffs.append(f"{m}: " + (", ".join(f"{k}={v}" for k, v in d.items()) or "base config"))
+        s.p("Per method: " + "; ".join(diffs) + ".")
+        if src.results_md:
+            text_lines, table_lines = [], []
+            for line in src.results_md.splitlines():
+                (table_lines if line.startswith("|") else text_lines).append(line)
+            text = " ".join(l for l in text_lines if l and not l.startswith("#"))
+            if text:
+                s.p("Results (results.md): " + text)
+            if len(table_lines) >= 2:
+                cells = [[c.strip() for c in l.strip().strip("|").split("|")] for l in table_lines]
+                s.table(cells[0], [c for c in cells[1:] if not all(set(x) <= set("-: ") for x in c)])
+        else:
+            s.note("results.md not found (the experiment may still be running).")
+    else:
+        cal = first.doc.get("calibration") or {}
+        rows = [["validation AUC", _fmt(first.doc.get("val_auc"))]]
+        if first.metrics:
+            rows.append([f"{first.metrics.get('split', 'test')} AUC", _fmt(first.metrics.get("auc"))])
+            for k, v in (first.metrics.get("component_auc") or {}).items():
+                rows.append([f"{first.metrics.get('split', 'test')} AUC of {k}", _fmt(v)])
+            rows.append(["evaluated images", f"{first.metrics.get('n_normal')} normal + {first.metrics.get('n_abnormal')} abnormal"])
+        if cal:
+            rows.append(["stored threshold", f"{_fmt(cal.get('threshold'))} ({cal.get('rule', '')})"])
+        if first.doc.get("train_seconds") is not None:
+            rows.append(["training time", f"{first.doc['train_seconds']} s"])
+        s.table(["", "value"], rows)
+    missing = [r.name for r in src.runs if r.scores is None]
+    if missing:
+        s.note(f"No evaluation (scores.csv) for: {', '.join(missing)}; run `cxr-oneclass evaluate RUN` to add ROC, "
+               "histograms, operating points and subgroups.")
+    return s
+
+
+def _roc_section(src: Source, figdir: Path) -> Section:
+    from sklearn.metrics import roc_curve
+
+    s = Section("roc", "ROC curves")
+    grid = np.linspace(0.0, 1.0, 201)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.4, 5.2))
+    drawn = 0
+    for i, m in enumerate(src.methods):
+        curves, aucs = [], []
+        for r in src.by_method(m):
+            y, sc = r.labels, r.score_values
+            if r.scores is None or len(np.unique(y)) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, sc)
+            t = np.interp(grid, fpr, tpr)
+            t[0] = 0.0
+            curves.append(t)
+            aucs.append(auc_of(y, sc))
+        if not curves:
+            continue
+        tprs = np.array(curves)
+        label = f"{m} (AUC {_agg(aucs)}" + (f", {len(curves)} runs)" if len(curves) > 1 else ")")
+        ax.plot(grid, tprs.mean(axis=0), color=_colour(i), lw=1.8, label=label)
+        if len(curves) > 1:
+            ax.fill_between(grid, tprs.min(axis=0), tprs.max(axis=0), color=_colour(i), alpha=0.18, lw=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        s.note("No evaluated runs with both normal and abnormal test images: no ROC curves.")
+        return s
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity (normals flagged)", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="ROC on the test split")
+    ax.legend(loc="lower right", fontsize=8)
+    _save_fig(fig, figdir / "roc.png")
+    many = src.repeats > 1
+    s.fig("roc.png", "One curve per method" + (": mean TPR over repeats on a common grid of 201 FPR values, shaded band = "
+                                                  "min–max over repeats; AUC mean ± std over repeats." if many else "."))
+    return s
+
+
+def _histogram_section(src: Source, figdir: Path) -> Section:
+    s = Section("histograms", "Score histograms")
+    firsts = [(m, next((r for r in src.by_method(m) if r.scores is not None), None)) for m in src.methods]
+    firsts = [(m, r) for m, r in firsts if r is not None]
+    if not firsts:
+        s.note("No evaluated runs: no score histograms.")
+        return s
+    plt = _plt()
+    n = len(firsts)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (m, r) in zip(axes.flat, firsts):
+        y, sc = r.labels, r.score_values
+        finite = sc[np.isfinite(sc)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        n_bins = int(np.clip(2 * np.sqrt(finite.size), 8, 40))
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1)
+        for lab, name, c in ((0, "normal", "tab:blue"), (1, "abnormal", "tab:red")):
+            v = sc[(y == lab) & np.isfinite(sc)]
+            if v.size:
+                ax.hist(v, bins=bins, alpha=0.55, color=c, label=f"{name} (n={v.size})")
+        if r.threshold is not None:
+            ax.axvline(r.threshold, color="k", ls="--", lw=1, label=f"threshold {r.threshold:.2f}")
+        ax.set_title(r.name if src.kind == "experiment" else m, fontsize=9)
+        ax.set_xlabel("score (0-1 = validation range)", fontsize=8)
+        ax.set_ylabel("images", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, figdir / "histograms.png")
+    which = "the first repeat of each method (not pooled: each repeat has its own normalisation)" if src.kind == "experiment" else "the run"
+    s.fig("histograms.png", f"Normalised test scores of normal and abnormal images, {which}; dashed: the stored threshold "
+                            "(from validation).")
+    return s
+
+
+def _training_section(src: Source, figdir: Path) -> Section:
+    s = Section("training", "Training curves")
+    found = {k for r in src.runs for k in (r.history[0] if r.history else {}) if k.startswith("loss_")}
+    cols = [k for k in LOSS_NAMES if k in found] + sorted(found - set(LOSS_NAMES))
+    for k in ("val_auc", TEST_AUC_COLUMN):
+        if any(r.history and k in r.history[0] for r in src.runs):
+            cols.append(k)
+    if not cols:
+        s.note("No history.csv found: no training curves.")
+        return s
+    plt = _plt()
+    n = len(cols)
+    ncols = min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.4 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    styles = ("-", "--", ":", "-.")
+    for ax, col in zip(axes.flat, cols):
+        for i, m in enumerate(src.methods):
+            for j, r in enumerate(src.by_method(m)):
+                ep = np.array([h.get("epoch", k + 1) for k, h in enumerate(r.history)], dtype=float)
+                v = np.array([h.get(col, math.nan) for h in r.history], dtype=float)
+                ok = np.isfinite(v)
+                if ok.any():
+                    ax.plot(ep[ok], v[ok], color=_colour(i), ls=styles[j % len(styles)], lw=1.2, marker="o", ms=2.5, alpha=0.85)
+        if col == TEST_AUC_COLUMN:
+            title = "test AUC\n(analysis only, not used for selection)"
+        elif col == "val_auc":
+            title = "validation AUC"
+        else:
+            title = f"{col}\n{LOSS_NAMES.get(col, '')}".strip()
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=_colour(i), lw=1.5, label=m) for i, m in enumerate(src.methods)]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if nrows == 1 else 0.97))
+    _save_fig(fig, figdir / "training.png")
+    caption = "Per-epoch means of every loss term in history.csv, one panel per term"
+    if src.repeats > 1:
+        caption += "; repeats overlaid (same colour, line style per repeat)"
+    caption += ". Validation AUC is what the run is judged by."
+    if TEST_AUC_COLUMN in cols:
+        caption += f" Panel “{TEST_AUC_LABEL}”: the test split scored per epoch, for analysis only — never used for selection or thresholds."
+    s.fig("training.png", caption)
+    return s
+
+
+def _op_points(r: RunRecord) -> dict[str, dict | None]:
+    """Operating points of a run: from metrics.json, computed from scores.csv where missing."""
+    m = r.metrics or {}
+    out: dict[str, dict | None] = {"stored": m.get("at_threshold")}
+    out.update({k: (m.get("at_sensitivity") or {}).get(k) for k in SENSITIVITIES})
+    if r.scores is not None and any(v is None for v in out.values()):
+        y, sc = r.labels, r.score_values
+        if out["stored"] is None and r.threshold is not None:
+            out["stored"] = operating_point(y, sc, r.threshold)
+        for k in SENSITIVITIES:
+            if out[k] is None and (y == 1).any() and (y == 0).any():
+                out[k] = operating_point(y, sc, threshold_at_sensitivity(y, sc, float(k)))
+    return out
+
+
+def _operating_section(src: Source) -> Section:
+    s = Section("operating-points", "Operating points")
+    names = {"stored": "stored threshold (from validation)", **{k: f"sensitivity ≥ {float(k):.0%} (set on test)" for k in SENSITIVITIES}}
+    rows = []
+    for m in src.methods:
+        ops = [_op_points(r) for r in src.by_method(m) if r.scores is not None or r.metrics]
+        if not ops:
+            continue
+        for key, label in names.items():
+            vals = [o[key] for o in ops if o.get(key)]
+            if not vals:
+                continue
+            rows.append([m, label, _agg([v.get("threshold") for v in vals])]
+                        + [_agg([v.get(f) for v in vals], pct=True) for f in ("sensitivity", "specificity", "ppv", "npv", "normals_cleared", "flagged_fraction")])
+    if not rows:
+        s.note("No evaluated runs: no operating points.")
+        return s
+    s.table(["method", "operating point", "threshold", "sensitivity", "specificity", "PPV", "NPV", "normals auto-cleared", "flagged"], rows)
+    s.p("An image is flagged when its normalised score is at or above the threshold; “normals auto-cleared” is the "
+        "fraction of normal test images below it (they could skip the radiologist's queue). The stored threshold was "
+        "fixed on validation data; the fixed-sensitivity thresholds are chosen on the test scores themselves (what "
+        "is attainable, not a held-out estimate)."
+        + (" Mean ± std over repeats." if src.repeats > 1 else ""))
+    return s
+
+
+def _tokens(column: str, value: str) -> list[str]:
+    value = (value or "").strip()
+    if not value:
+        return []
+    if "|" in value or column.endswith("labels"):
+        return [t.strip() for t in value.split("|") if t.strip()]
+    return [value]
+
+
+def _is_number(v: str) -> bool:
+    return not math.isnan(_float(v))
+
+
+def _subgroup_section(src: Source) -> Section:
+    s = Section("subgroups", "AUC per subgroup")
+    evaluated = [r for r in src.runs if r.scores]
+    if not evaluated:
+        s.note("No evaluated runs: no subgroups.")
+        return s
+    ref = evaluated[0].scores
+    columns = [c for c in ref[0] if c and c not in SCORE_COLUMNS]
+    any_table = False
+    for col in columns:
+        labels = np.array([int(float(r["label"])) for r in ref])
+        toks = [_tokens(col, r.get(col, "")) for r in ref]
+        normal_vals = {t.lower() for ts, lab in zip(toks, labels) if lab == 0 for t in (ts or [""])}
+        abnormal_only = normal_vals <= NORMAL_VALUES
+        groups = sorted({t for ts in toks for t in ts if not (abnormal_only and t.lower() in NORMAL_VALUES)})
+        if not 2 <= len(groups) <= 20 or all(_is_number(g) for g in groups):  # numbers (age, follow-up) are not groups
+            continue
+        rows = []
+        for g in groups:
+            member = np.array([g in ts for ts in toks])
+            if abnormal_only:
+                sel = (labels == 0) | (member & (labels == 1))
+            else:
+                sel = member
+            n_norm, n_abn = int(((labels == 0) & sel).sum()), int(((labels == 1) & sel).sum())
+            row = [g, str(n_norm), str(n_abn)]
+            for m in src.methods:
+                vals = []
+                for r in src.by_method(m):
+                    if not r.scores:
+                        continue
+                    # Runs of one experiment score the same test files in the same order; match by file to be safe.
+                    y, sc = r.labels, r.score_values
+                    if [x["file"] for x in r.scores] != [x["file"] for x in ref]:
+                        continue
+                    vals.append(auc_of(y[sel], sc[sel]))
+                row.append(_agg(vals))
+            rows.append(row)
+        any_table = True
+        how = ("of each subgroup's abnormals vs all normals (the column describes abnormal images only)" if abnormal_only
+               else "within the subgroup (normals and abnormals that share the value)")
+        s.p(f"Column `{col}`: AUC {how}." + (" Values split on '|' (an image can be in several subgroups)." if any("|" in r.get(col, "") for r in ref) else ""))
+        s.table([col, "n normal", "n abnormal"] + [f"AUC {m}" for m in src.methods], rows)
+    if not any_table:
+        s.note("scores.csv has no non-numeric metadata column with 2 to 20 distinct values: no subgroup table.")
+    elif src.repeats > 1:
+        s.p("AUC mean ± std over repeats.")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------- reconstructions
+
+def _pick(n: int, k: int = N_EXAMPLES) -> np.ndarray:
+    """k indices spread evenly over 0..n-1 (deterministic)."""
+    if n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+def _examples_section(src: Source, figdir: Path) -> Section:
+    s = Section("reconstructions", "Reconstructions and residual heat maps")
+    full = [r for r in src.runs if r.method == "full"]
+    run = full[0] if full else src.by_method(src.methods[-1])[0]
+    try:
+        import torch
+
+        from .checkpoint import load_run
+        from .data.sources import load_dataset
+        from .scoring import score_images
+
+        model, cal, doc = load_run(run.model_dir)
+        cfg = model.cfg
+        spec = src.data or doc.get("data")
+        if not spec:
+            raise RunError("the run does not record its data spec")
+        seed = src.data_seed if src.data_seed is not None else cfg.seed
+        ds = load_dataset(spec, cfg.image_size, seed, splits=("train", "test"))
+    except Exception as exc:  # moved data, missing weights, anything: the rest of the report still stands
+        log.warning("reconstruction grid skipped: %s", exc)
+        s.note(f"Skipped: could not load the model or the data of {run.name} ({type(exc).__name__}: {exc}).")
+        return s
+    groups = []
+    if "train" in ds.splits:
+        tr = ds["train"]
+        groups.append(("training images", tr, np.flatnonzero(tr.labels == 0)))
+    if "test" in ds.splits:
+        te = ds["test"]
+        groups.append(("test normals", te, np.flatnonzero(te.labels == 0)))
+        groups.append(("test abnormals", te, np.flatnonzero(te.labels == 1)))
+    groups = [(t, iset, idx[_pick(idx.size)]) for t, iset, idx in groups if idx.size]
+    if not groups:
+        s.note("Skipped: the data has neither train nor test images.")
+        return s
+    with torch.inference_mode():
+        panels = []
+        for title, iset, idx in groups:
+            scored = score_images(model, iset.images[idx], batch_size=len(idx), keep_maps=True)
+            norm = cal.normalise(scored["score"]) if cal else scored["score"]
+            meta_col = next((c for c in ("kind", "subtype", "nih_finding_labels") if c in iset.meta), None)
+            tags = [str(iset.meta[meta_col][i]) if meta_col else "" for i in idx]
+            panels.append((title, iset.images[idx], scored["reconstruction"], scored["heatmap"], norm, tags))
+    _grid_figure(figdir / "reconstructions.png", panels)
+    s.fig("reconstructions.png",
+          f"Model {run.name}: {N_EXAMPLES} images per group picked evenly through the split (not by score). Rows: input, "
+          f"reconstruction x', residual |x - x'| (inferno, saturating at {HEAT_MAX}). Numbers: normalised score "
+          "(0-1 = validation range); the stored threshold is " + (f"{cal.threshold:.2f}." if cal else "unknown."))
+    return s
+
+
+def _short_tag(tag: str) -> str:
+    """'Atelectasis|Pneumonia' -> 'Atelectasis +1'; normal words -> ''."""
+    parts = [t for t in _tokens("labels", tag) if t.lower() not in NORMAL_VALUES]
+    if not parts:
+        return ""
+    return parts[0][:14] + (f" +{len(parts) - 1}" if len(parts) > 1 else "")
+
+
+def _grid_figure(path: Path, panels: list[tuple]) -> None:
+    plt = _plt()
+    n_cols = sum(len(p[1]) for p in panels)
+    fig = plt.figure(figsize=(1.05 * n_cols + 0.4 * len(panels), 3.9))
+    subfigs = np.atleast_1d(fig.subfigures(1, len(panels), wspace=0.04, width_ratios=[len(p[1]) for p in panels]))
+    for sf, (title, images, recons, heats, scores, tags) in zip(subfigs, panels):
+        axes = sf.subplots(3, len(images), squeeze=False)
+        sf.subplots_adjust(left=0.07, right=0.99, bottom=0.01, top=0.84, wspace=0.05, hspace=0.06)
+        sf.suptitle(title, fontsize=10)
+        for c in range(len(images)):
+            recon_u8 = np.clip((recons[c].astype(np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
+            axes[0, c].imshow(images[c], cmap="gray", vmin=0, vmax=255)
+            axes[1, c].imshow(recon_u8, cmap="gray", vmin=0, vmax=255)
+            axes[2, c].imshow(heats[c].astype(np.float32), cmap="inferno", vmin=0, vmax=HEAT_MAX)
+            axes[0, c].set_title((f"{_short_tag(tags[c])}\n" if _short_tag(tags[c]) else "") + f"{scores[c]:.2f}", fontsize=7)
+            for r in range(3):
+                axes[r, c].set_xticks([])
+                axes[r, c].set_yticks([])
+        for r, name in enumerate(("input", "reconstruction", "|x - x'|")):
+            axes[r, 0].set_ylabel(name, fontsize=7)
+    _save_fig(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+nav{font-size:.9em;margin:.6em 0 1em}nav a{margin-right:1em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .55em;text-align:left}
+th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}
+figure{margin:.8em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.note{background:#fff4e0;border-left:4px solid #e0a040;padding:.4em .8em}code{background:#f4f4f4;padding:0 .2em}
+.cfg{font-size:.85em}
+"""
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then `code` spans."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _render_html(title: str, sections: list[Section], figdir: Path) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>",
+           "<nav>" + "".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections) + "</nav>"]
+    for s in sections:
+        out.append(f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>')
+        for part in s.parts:
+            if part[0] == "p":
+                cls = ' class="cfg"' if part[1].startswith("Config: ") else ""
+                out.append(f"<p{cls}>{_inline_html(part[1])}</p>")
+            elif part[0] == "note":
+                out.append(f'<p class="note">{_inline_html(part[1])}</p>')
+            elif part[0] == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in part[1])
+                body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in part[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif part[0] == "fig":
+                data = base64.b64encode((figdir / part[1]).read_bytes()).decode("ascii")
+                out.append(f'<figure><img alt="{html.escape(s.title)}" src="data:image/png;base64,{data}">'
+                           f"<figcaption>{_inline_html(part[2])}</figcaption></figure>")
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(v: object) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _render_md(title: str, sections: list[Section]) -> str:
+    out = [f"# {title}", ""]
+    out.append(" · ".join(f"[{s.title}](#{s.id})" for s in sections))
+    out.append("")
+    for s in sections:
+        out += [f'<a id="{s.id}"></a>', f"## {s.title}", ""]
+        for part in s.parts:
+            if part[0] == "p":
+                out += [part[1], ""]
+            elif part[0] == "note":
+                out += [f"> **Note:** {part[1]}", ""]
+            elif part[0] == "table":
+                out.append("| " + " | ".join(_md_cell(h) for h in part[1]) + " |")
+                out.append("|" + "---|" * len(part[1]))
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in part[2]]
+                out.append("")
+            elif part[0] == "fig":
+                out += [f"![{s.title}]({FIG_DIR}/{part[1]})", "", f"*{part[2]}*", ""]
+    return "\n".join(out) + "\n"
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.html (self-contained) and report.md (+ report_figures/*.png) for a run or an experiment
+    folder into `out` (default: the folder itself); returns the path of report.html."""
+    src = read_source(path)
+    out_dir = Path(out) if out is not None else Path(path)
+    figdir = out_dir / FIG_DIR
+    figdir.mkdir(parents=True, exist_ok=True)
+    sections = [
+        _summary_section(src),
+        _roc_section(src, figdir),
+        _histogram_section(src, figdir),
+        _training_section(src, figdir),
+        _operating_section(src),
+        _examples_section(src, figdir),
+        _subgroup_section(src),
+    ]
+    what = "experiment" if src.kind == "experiment" else "run"
+    title = f"cxr-oneclass {what} report: {src.path.resolve().name}"
+    write_text(out_dir / "report.md", _render_md(title, sections))
+    html_path = out_dir / "report.html"
+    write_text(html_path, _render_html(title, sections, figdir))
+    return html_path
