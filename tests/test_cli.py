@@ -69,3 +69,18 @@ def test_clear_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.count("error:") == 3 and "no normal training images" in err
+
+
+def test_history_is_written_every_epoch(tmp_path, monkeypatch):
+    from conftest import write_folder_dataset
+
+    from cxr_oneclass import workflow
+    from cxr_oneclass.config import resolve
+
+    written = []
+    real = workflow.write_csv
+    monkeypatch.setattr(workflow, "write_csv", lambda path, rows, *a, **k: (written.append(len(rows)), real(path, rows, *a, **k)))
+    data = write_folder_dataset(tmp_path / "data", n_train=16, n_eval=4)
+    cfg = resolve("paper", image_size=32, width=8, batch_size=8, epochs=3, num_threads=1)
+    workflow.train_run(cfg, f"folder:{data}", tmp_path / "run", progress=False)
+    assert written == [1, 2, 3, 3]  # after each epoch, then the final history

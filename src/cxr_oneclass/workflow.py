@@ -55,6 +55,7 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
     if train is None or train.n_normal == 0:
         raise DataError(f"data {ds.spec!r}: no normal training images (found: {ds.summary() or 'nothing'})")
     val = ds.splits.get("val")
+    so_far: list[dict] = []
 
     def on_epoch_end(model: OneClassGAN, row: dict) -> None:
         # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
@@ -62,6 +63,9 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
             row["val_auc"] = auc(val.labels, score_images(model, val.images, cfg.batch_size)["score"])
         for name, images in (monitor or {}).items():
             row[name] = auc(images.labels, score_images(model, images.images, cfg.batch_size)["score"])
+        so_far.append(dict(row))
+        if distributed.is_main():  # written every epoch so that a long run can be followed
+            write_csv(out_dir / "history.csv", so_far)
 
     t0 = time.perf_counter()
     result = fit(cfg, train.images[train.labels == 0], on_epoch_end=on_epoch_end, progress=progress)
