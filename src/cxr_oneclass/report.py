@@ -338,6 +338,16 @@ def _roc_section(src: Source, figdir: Path) -> Section:
     return s
 
 
+def _panel_grid(n: int, max_cols: int, panel_size: tuple[float, float]):
+    """A figure with n panels in rows of at most max_cols; unused panels hidden."""
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = _plt().subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def _histogram_section(src: Source, figdir: Path) -> Section:
     s = Section("histograms", "Score histograms")
     firsts = [(m, next((r for r in src.by_method(m) if r.scores is not None), None)) for m in src.methods]
@@ -345,13 +355,7 @@ def _histogram_section(src: Source, figdir: Path) -> Section:
     if not firsts:
         s.note("No evaluated runs: no score histograms.")
         return s
-    plt = _plt()
-    n = len(firsts)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(len(firsts), 3, (3.8, 2.9))
     for ax, (m, r) in zip(axes.flat, firsts):
         y, sc = r.labels, r.score_values
         finite = sc[np.isfinite(sc)]
@@ -388,13 +392,7 @@ def _training_section(src: Source, figdir: Path) -> Section:
     if not cols:
         s.note("No history.csv found: no training curves.")
         return s
-    plt = _plt()
-    n = len(cols)
-    ncols = min(n, 4)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.4 * nrows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(len(cols), 4, (3.0, 2.4))
     styles = ("-", "--", ":", "-.")
     for ax, col in zip(axes.flat, cols):
         for i, m in enumerate(src.methods):
@@ -418,7 +416,7 @@ def _training_section(src: Source, figdir: Path) -> Section:
 
     handles = [Line2D([], [], color=_colour(i), lw=1.5, label=m) for i, m in enumerate(src.methods)]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 0.94 if nrows == 1 else 0.97))
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if axes.shape[0] == 1 else 0.97))
     _save_fig(fig, figdir / "training.png")
     caption = "Per-epoch means of every loss term in history.csv, one panel per term"
     if src.repeats > 1:
