@@ -36,7 +36,7 @@ def test_evaluate_writes_metrics_and_scores(trained_run, tmp_path, capsys):
     assert main(["evaluate", str(run), "--data", f"folder:{data}", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["n_normal"] == 6 and m["n_abnormal"] == 6 and 0 <= m["auc"] <= 1
-    assert set(m["component_auc"]) == {"rec", "adv", "enc"}
+    assert set(m["component_auc"]) == {"rec", "adv", "enc", "ssim", "fdist"}
     assert {"sensitivity", "specificity"} <= set(m["at_threshold"])
     rows = list(csv.DictReader(open(tmp_path / "ev" / "scores.csv")))
     assert len(rows) == 12 and {"file", "label", "score", "rec", "adv", "enc"} <= set(rows[0])

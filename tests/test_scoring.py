@@ -78,3 +78,79 @@ def test_score_terms_select_components():
     assert "rec" in out and "adv" in out  # components are still reported
     with pytest.raises(ValueError, match="name none"):
         score_tensor(build_model(resolve("paper", variant="u", score_terms="enc", **TINY)).eval(), torch.zeros(1, 1, 32, 32))
+
+
+# ------------------------------------------------------------------ ssim, fdist and standardised scores
+
+def test_ssim_map_is_one_for_identical_images_and_lower_for_changed_structure():
+    from cxr_oneclass.scoring import ssim_map
+
+    x = torch.from_numpy(blob_images(2, 32, seed=3)).float().div(127.5).sub(1).unsqueeze(1)
+    same = ssim_map(x, x)
+    torch.testing.assert_close(same, torch.ones_like(same))
+    blurred = torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    assert float(ssim_map(x, blurred).mean()) < 0.95  # blur loses the noise texture: lower structural similarity
+    shifted = x + 0.1  # a small brightness change keeps the structure
+    assert float(ssim_map(x, shifted).mean()) > float(ssim_map(x, blurred).mean())
+
+
+def test_fdist_is_the_mahalanobis_distance_of_training_features():
+    from sklearn.covariance import LedoitWolf
+
+    from cxr_oneclass.scoring import feature_vector, fit_score_stats, inference_model
+
+    model = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
+    train = blob_images(48, 32, seed=1)
+    fit_score_stats(model, train)
+    probe = blob_images(5, 32, seed=9, abnormal=True)
+    got = score_images(model, probe)["fdist"]
+
+    def feats(images):
+        with torch.no_grad():
+            x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+            _, z, fu = inference_model(model).U(x)
+            return feature_vector("u", z, fu, None).double().numpy()
+
+    lw = LedoitWolf().fit(feats(train))
+    expect = lw.mahalanobis(feats(probe)) / feats(probe).shape[1]
+    np.testing.assert_allclose(got, expect, rtol=2e-3)
+    assert got.mean() > np.median(score_images(model, blob_images(20, 32, seed=30))["fdist"])
+
+
+def test_standardised_score_centres_validation_normals_and_sums_terms():
+    from cxr_oneclass.scoring import fit_score_stats
+
+    cfg = resolve("paper", epochs=1, score_norm="standardised", score_terms="ssim+fdist+rec", **TINY)
+    model = fit(cfg, blob_images(48, 32, seed=1), progress=False).model
+    val_normals = blob_images(40, 32, seed=2)
+    fit_score_stats(model, blob_images(48, 32, seed=1), val_normals)
+    out = score_images(model, val_normals)
+    assert abs(np.median(out["score"])) < 1.0  # each term's median on these images is 0: the sum sits near 0
+    stats = model.stats
+    expect = sum((out[k] - float(stats.center[i])) / float(stats.scale[i]) for i, k in enumerate(("rec", "adv", "enc", "ssim", "fdist")) if k in ("ssim", "fdist", "rec"))
+    np.testing.assert_allclose(out["score"], expect, rtol=1e-5, atol=1e-6)
+    # a standardised score is unchanged by how large a term's raw units are
+    assert float(stats.scale[4]) != 1.0 and float(stats.scale[3]) != 1.0
+
+
+def test_score_stats_survive_save_and_load(tmp_path):
+    from cxr_oneclass.checkpoint import load_run, save_run
+    from cxr_oneclass.scoring import fit_score_stats
+
+    cfg = resolve("paper", epochs=1, score_norm="standardised", score_terms="ssim+fdist", **TINY)
+    model = fit(cfg, blob_images(32, 32, seed=1), progress=False).model
+    fit_score_stats(model, blob_images(32, 32, seed=1), blob_images(12, 32, seed=2))
+    save_run(tmp_path / "run", model, cfg, None)
+    loaded, _, _ = load_run(tmp_path / "run")
+    probe = blob_images(4, 32, seed=5, abnormal=True)
+    np.testing.assert_allclose(score_images(loaded, probe)["score"], score_images(model, probe)["score"], rtol=1e-6)
+
+
+def test_best_preset_scores_variants_without_e_on_u_latent():
+    from cxr_oneclass.config import method_config
+
+    best = resolve("best", **TINY)
+    assert method_config("u", best).fdist_features == "z"
+    assert method_config("full", best).fdist_features == "ez"
+    out = score_tensor(build_model(method_config("u+d", best)).eval(), torch.zeros(2, 1, 32, 32))
+    assert {"ssim", "fdist", "adv"} <= set(out) and "enc" not in out

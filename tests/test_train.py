@@ -45,3 +45,12 @@ def test_epoch_callback_sees_eval_mode_and_adds_columns():
     assert seen == [False, False]
     assert all(r["extra"] == 1.0 for r in res.history)
     assert np.isfinite(res.history[-1]["loss_g_total"])
+
+
+def test_step_budget_replaces_epochs():
+    from cxr_oneclass.config import resolve as _resolve
+
+    cfg = _resolve("paper", image_size=32, width=8, batch_size=8, epochs=50, steps=5, num_threads=2)
+    result = fit(cfg, blob_images(16, 32, seed=1), progress=False)  # 2 batches per pass: 2 + 2 + 1 steps
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.history[-1]["images_per_s"] > 0

@@ -60,9 +60,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[O
     model = build_model(cfg)
     try:
         state = load_file(str(Path(run_dir) / MODEL_FILE))
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=False)
     except (RuntimeError, OSError, ValueError) as exc:
         raise RunError(f"{Path(run_dir) / MODEL_FILE}: weights do not match the config ({str(exc).splitlines()[0]})") from exc
+    # Runs saved before the score had fitted statistics lack `stats.*`; their defaults leave rec/adv/enc as they were.
+    missing = [k for k in result.missing_keys if not k.startswith("stats.")]
+    if missing or result.unexpected_keys:
+        bad = (missing + list(result.unexpected_keys))[:3]
+        raise RunError(f"{Path(run_dir) / MODEL_FILE}: weights do not match the config (e.g. {', '.join(bad)})")
     model.to(device).eval()
     cal = Calibration.from_dict(doc["calibration"]) if doc.get("calibration") else None
     return model, cal, doc

@@ -8,16 +8,17 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS, VARIANTS, resolve
+from .config import DEFAULT_PRESET, PRESETS, VARIANTS, resolve
 from .errors import CxrError
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override single values of the preset (default None = keep the preset's)."""
     g = p.add_argument_group("model and training (override the preset)")
-    g.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="recipe to start from (default: paper)")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe to start from: paper (Tang et al., faithful) or best (default: {DEFAULT_PRESET})")
     g.add_argument("--variant", choices=VARIANTS, help="ablation: which of U, E, D to use (default: full)")
     g.add_argument("--epochs", type=int)
+    g.add_argument("--steps", type=int, help="optimiser steps; > 0 replaces --epochs")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--image-size", type=int, help="square input size in pixels, a power of two (paper: 64)")
     g.add_argument("--lr", type=float)
@@ -28,9 +29,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--precision", choices=("fp32", "bf16"))
     g.add_argument("--threads", dest="num_threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--score-terms", help="'+'-joined terms of the anomaly score: rec, adv, enc, ssim, fdist")
+    g.add_argument("--score-norm", choices=("weights", "standardised"), help="paper lambdas, or terms standardised on validation normals")
+    g.add_argument("--fdist-features", choices=("u", "z", "ez"), help="features whose distance from the training normals fdist measures")
 
 
-CONFIG_FLAGS = ("variant", "epochs", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
+CONFIG_FLAGS = ("variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -56,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = train_run(cfg, args.data, args.out, progress=not args.quiet)
     last = out.history[-1]
     print(f"data: {out.extra['data_summary']}")
-    print(f"trained {cfg.variant} ({args.preset}) for {cfg.epochs} epochs in {out.seconds:.1f} s, {last['images_per_s']:.1f} images/s")
+    print(f"trained {cfg.variant} ({args.preset}) for {len(out.history)} epochs in {out.seconds:.1f} s, {last['images_per_s']:.1f} images/s")
     if out.val_auc is not None:
         print(f"validation AUC {out.val_auc:.4f}")
     print(f"threshold {out.calibration.threshold:.4f} ({out.calibration.rule})")
@@ -79,6 +83,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if op and op["sensitivity"] is not None and op["specificity"] is not None:
         print(f"at stored threshold: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
     print(f"wrote {out / 'metrics.json'} and {out / 'scores.csv'}")
+    return 0
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from .workflow import rescore_run
+
+    out = rescore_run(args.run, args.out, args.data, score_terms=args.score_terms, score_norm=args.score_norm, fdist_features=args.fdist_features)
+    cfg = out.model.cfg
+    print(f"score {cfg.score_terms} ({cfg.score_norm}, fdist on {cfg.fdist_features}) refitted in {out.seconds:.1f} s")
+    if out.val_auc is not None:
+        print(f"validation AUC {out.val_auc:.4f}")
+    print(f"model written to {out.run_dir}")
     return 0
 
 
@@ -122,7 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet, preset=args.preset)
     print(summary)
     return 0
 
@@ -173,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for metrics.json and scores.csv (default RUN/eval-SPLIT)")
     e.set_defaults(func=cmd_evaluate)
 
+    rs = sub.add_parser("rescore", help="copy a trained run with another anomaly score (no retraining)")
+    rs.add_argument("run")
+    rs.add_argument("--out", required=True, help="run folder to write")
+    rs.add_argument("--data", help="data spec (default: the one the run was trained on)")
+    rs.add_argument("--score-terms", help="'+'-joined terms: rec, adv, enc, ssim, fdist")
+    rs.add_argument("--score-norm", choices=("weights", "standardised"))
+    rs.add_argument("--fdist-features", choices=("u", "z", "ez"))
+    rs.set_defaults(func=cmd_rescore)
+
     s = sub.add_parser("score", help="score image files or folders")
     s.add_argument("run", metavar="RUN", help="run folder (with --onnx: the first PATH)")
     s.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders")
@@ -207,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe (default: {DEFAULT_PRESET})")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -4,7 +4,7 @@ The graph (`ScoringGraph`):
     input   image     uint8 (B, 1, H, W): grey images already decoded and resized to the run's size, exactly what
                       `data.images.load_image` returns (stack them and add the channel axis); B is dynamic
     outputs score     float32 (B,): the raw anomaly score A(x) (eq. of scoring.py, eval-mode batch norm)
-            rec, adv, enc  float32 (B,): the components the model has (adv for u+d/full, enc for u+e/full)
+            rec, ssim, fdist, adv, enc  float32 (B,): the components the model has (adv with D, enc with E)
             heatmap   float32 (B, H, W): |x - x'| in the model's [-1, 1] units (its mean is `rec`)
 
 Metadata (`metadata_props`) carries what scoring needs without the run folder: `cxr_oneclass.image_size`,
@@ -30,7 +30,7 @@ from . import __version__
 from .errors import RunError
 from .io_utils import atomic_path
 from .nets import OneClassGAN, fold_batchnorm
-from .scoring import COMPONENTS, Calibration, component_weights, score_tensor
+from .scoring import COMPONENTS, Calibration, component_weights, compute_components, model_components, score_tensor
 
 FORMAT = "cxr-oneclass-onnx/1"
 OPSET = 17
@@ -38,31 +38,21 @@ META = "cxr_oneclass."
 
 
 class ScoringGraph(nn.Module):
-    """uint8 images (B,1,H,W) -> (score, components..., heatmap), as `scoring.score_tensor` computes them."""
+    """uint8 images (B,1,H,W) -> (score, components..., heatmap), computed by `scoring.compute_components`."""
 
     def __init__(self, model: OneClassGAN) -> None:
         super().__init__()
         self.net = fold_batchnorm(model).float().cpu()
         self.weights = component_weights(model)
-        self.components = [k for k in COMPONENTS if (k != "adv" or model.D is not None) and (k != "enc" or model.E is not None)]
+        self.components = model_components(model)
 
     @property
     def output_names(self) -> list[str]:
         return ["score", *self.components, "heatmap"]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = image.float() / 127.5 - 1.0
-        x_rec, z, _ = self.net.U(x)
-        resid = (x - x_rec).abs()
-        comps = {"rec": resid.mean(dim=(1, 2, 3))}
-        if self.net.E is not None:
-            z_rec, _ = self.net.E(x_rec)
-            comps["enc"] = (z - z_rec).pow(2).mean(dim=1)
-        if self.net.D is not None:
-            logit, _ = self.net.D(x_rec)
-            comps["adv"] = 1.0 - torch.sigmoid(logit)
-        score = sum(w * comps[k] for k, w in self.weights.items())
-        return (score, *[comps[k] for k in self.components], resid[:, 0])
+        out = compute_components(self.net, image.float() / 127.5 - 1.0)
+        return (out["score"], *[out[k] for k in self.components], out["heatmap"])
 
 
 def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | None = None, opset: int = OPSET, check: bool = True) -> Path:

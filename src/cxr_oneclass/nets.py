@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from .config import Config, n_down_layers
+from .config import SCORE_TERMS, Config, n_down_layers
 
 LEAK = 0.2  # DCGAN's leaky ReLU slope
 
@@ -120,8 +120,29 @@ class Discriminator(nn.Module):
         return logit.squeeze(1), feats
 
 
+def fdist_dim(cfg: Config) -> int:
+    """Length of the feature vector that the fdist score term measures (see scoring.feature_vector)."""
+    if cfg.fdist_features == "u":
+        return sum(encoder_channels(cfg.image_size, cfg.width)[1:])
+    return cfg.latent_dim
+
+
+class ScoreStats(nn.Module):
+    """Statistics the anomaly score needs beyond the networks, fitted after training (scoring.fit_score_stats)
+    and saved with the weights: the training normals' feature mean (F,) and whitening matrix (F, F) for fdist,
+    and a centre and scale (K,) per score term for standardised scores (0 and 1 leave a term as it is)."""
+
+    def __init__(self, n_features: int, n_terms: int) -> None:
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(n_features))
+        self.register_buffer("feat_whiten", torch.eye(n_features))
+        self.register_buffer("center", torch.zeros(n_terms))
+        self.register_buffer("scale", torch.ones(n_terms))
+
+
 class OneClassGAN(nn.Module):
-    """The three networks of a variant: U always; E for u+e and full; D for u+d and full."""
+    """The three networks of a variant: U always; E for u+e and full; D for u+d and full; and the score's
+    fitted statistics."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -129,6 +150,7 @@ class OneClassGAN(nn.Module):
         self.U = UNetAutoencoder(cfg)
         self.E = Encoder(cfg.image_size, cfg.width, cfg.latent_dim) if cfg.uses_e else None
         self.D = Discriminator(cfg) if cfg.uses_d else None
+        self.stats = ScoreStats(fdist_dim(cfg), len(SCORE_TERMS))
         init_weights(self, cfg.init_std)
 
     def generator_parameters(self) -> list[nn.Parameter]:

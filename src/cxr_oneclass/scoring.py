@@ -14,26 +14,101 @@ import weakref
 from dataclasses import asdict, dataclass
 from itertools import chain
 
+import logging
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import SCORE_TERMS
 from .nets import OneClassGAN, fold_batchnorm
 from .runtime import to_model_range, warn_if_bf16_is_emulated
 
-COMPONENTS = ("rec", "adv", "enc")
+log = logging.getLogger(__name__)
+
+COMPONENTS = SCORE_TERMS  # every term a score can use; a model reports those it has
+SSIM_WINDOW = 7  # px at 64 px: about one rib space
+
+
+def has_component(model: OneClassGAN, name: str) -> bool:
+    return (name != "adv" or model.D is not None) and (name != "enc" or model.E is not None)
+
+
+def model_components(model: OneClassGAN) -> list[str]:
+    """The components `model` reports: rec, ssim and fdist always; adv with D; enc with E."""
+    return [k for k in COMPONENTS if has_component(model, k)]
 
 
 def component_weights(model: OneClassGAN) -> dict[str, float]:
-    """Weights of the score terms that the variant has and the config scores with (`score_terms`)."""
+    """Weights of the score terms that the variant has and the config scores with (`score_terms`): the paper's
+    λ for rec/adv/enc (1 for ssim/fdist) under `weights`; 1 for every term under `standardised`."""
     cfg = model.cfg
     chosen = set(cfg.score_terms.split("+"))
-    weights = {"rec": cfg.w_rec}
-    if model.D is not None:
-        weights["adv"] = cfg.w_adv
-    if model.E is not None:
-        weights["enc"] = cfg.w_enc
-    return {k: w for k, w in weights.items() if k in chosen}
+    lam = {"rec": cfg.w_rec, "adv": cfg.w_adv, "enc": cfg.w_enc, "ssim": 1.0, "fdist": 1.0}
+    if cfg.score_norm == "standardised":
+        lam = dict.fromkeys(lam, 1.0)
+    return {k: lam[k] for k in model_components(model) if k in chosen}
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW) -> torch.Tensor:
+    """Local SSIM (Wang et al. 2004) of images in [-1, 1], box window, same size as the input: (B,1,H,W)."""
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # K1, K2 times the data range 2
+    pad = window // 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, window, 1, pad, count_include_pad=False)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a * mu_a
+    var_b = blur(b * b) - mu_b * mu_b
+    cov = blur(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2))
+
+
+def feature_vector(cfg_features: str, z: torch.Tensor, feats_u: list[torch.Tensor], z_rec: torch.Tensor | None) -> torch.Tensor:
+    """(B, F) features that fdist measures: U's encoder maps below the first, each averaged over space ("u"),
+    U's latent ("z") or E's latent of the reconstruction ("ez")."""
+    if cfg_features == "u":
+        return torch.cat([f.float().mean(dim=(2, 3)) for f in feats_u[1:]], dim=1)
+    if cfg_features == "z":
+        return z.float()
+    if z_rec is None:
+        raise ValueError("fdist features 'ez' need the encoder E")
+    return z_rec.float()
+
+
+def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Networks of `net` (eval mode) on x (B,1,H,W) in [-1,1] -> components (B,), score (B,), residual map and
+    reconstruction (B,H,W). `x_net` is x as the networks take it (dtype, layout); default x.
+
+    Shared by PyTorch scoring and the ONNX graph, so the two cannot drift apart.
+    """
+    x_net = x if x_net is None else x_net
+    x_rec, z, feats_u = net.U(x_net)
+    x_rec = x_rec.float()
+    resid = (x - x_rec).abs()
+    out = {"rec": resid.mean(dim=(1, 2, 3)), "ssim": 1.0 - ssim_map(x, x_rec).mean(dim=(1, 2, 3))}
+    z_rec = None
+    if net.E is not None:
+        z_rec, _ = net.E(x_rec.to(x_net.dtype))
+        out["enc"] = (z.float() - z_rec.float()).pow(2).mean(dim=1)
+    if net.D is not None:
+        logit, _ = net.D(x_rec.to(x_net.dtype))
+        out["adv"] = 1.0 - torch.sigmoid(logit.float())
+    stats = net.stats
+    f = feature_vector(net.cfg.fdist_features, z, feats_u, z_rec)
+    w = (f - stats.feat_mean.float()) @ stats.feat_whiten.float()  # (B, F): whitened deviation from normals
+    out["fdist"] = w.pow(2).mean(dim=1)  # squared Mahalanobis distance / F
+    weights = component_weights(net)
+    if not weights:
+        raise ValueError(f"score terms {net.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
+    center, scale = stats.center.float(), stats.scale.float()
+    index = {k: i for i, k in enumerate(COMPONENTS)}
+    out["score"] = sum(weights[k] * (out[k] - center[index[k]]) / scale[index[k]] for k in weights)
+    out["heatmap"] = resid[:, 0]  # (B, H, W), same units as the rec component
+    out["reconstruction"] = x_rec[:, 0]
+    return out
 
 
 @torch.no_grad()
@@ -44,23 +119,7 @@ def score_tensor(model: OneClassGAN, x: torch.Tensor, precision: str = "fp32") -
     net = inference_model(model, precision)
     x = x.float()
     x_net = x.to(dtype=torch.bfloat16 if precision == "bf16" else torch.float32, memory_format=torch.channels_last)
-    x_rec, z, _ = net.U(x_net)
-    x_rec = x_rec.float()
-    resid = (x - x_rec).abs()
-    out = {"rec": resid.mean(dim=(1, 2, 3))}
-    if net.E is not None:
-        z_rec, _ = net.E(x_rec.to(x_net.dtype))
-        out["enc"] = (z.float() - z_rec.float()).pow(2).mean(dim=1)
-    if net.D is not None:
-        logit, _ = net.D(x_rec.to(x_net.dtype))
-        out["adv"] = 1.0 - torch.sigmoid(logit.float())
-    weights = component_weights(model)
-    if not weights:
-        raise ValueError(f"score terms {model.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
-    out["score"] = sum(weights[k] * out[k] for k in weights)
-    out["heatmap"] = resid[:, 0]  # (B, H, W), same units as the rec component
-    out["reconstruction"] = x_rec[:, 0]
-    return out
+    return compute_components(net, x, x_net)
 
 
 # Eval-only copies for scoring, one per (model, precision), rebuilt when the model's weights or statistics change
@@ -81,6 +140,7 @@ def inference_model(model: OneClassGAN, precision: str = "fp32") -> OneClassGAN:
     if precision == "bf16":
         warn_if_bf16_is_emulated(next(model.parameters()).device)
         net = net.to(torch.bfloat16)
+        net.stats.float()  # the whitening matrix needs fp32 precision; it is a small matmul
     cache[precision] = (state, net)
     return net
 
@@ -109,6 +169,64 @@ def score_images(
             else:
                 chunks.setdefault(k, []).append(v.cpu().numpy().astype(np.float64))
     return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def needs_stats(cfg) -> bool:
+    """Whether the score uses fitted statistics (an fdist term, or standardised terms)."""
+    return cfg.score_norm == "standardised" or "fdist" in cfg.score_terms.split("+")
+
+
+@torch.no_grad()
+def fit_score_stats(
+    model: OneClassGAN,
+    train_normals: np.ndarray,
+    reference_normals: np.ndarray | None = None,
+    batch_size: int = 64,
+    max_fit: int = 2000,
+) -> None:
+    """Fit the score's statistics into `model.stats`, in place.
+
+    fdist: mean and Ledoit-Wolf-shrunk covariance of the features of (up to `max_fit`) training normals, stored as
+    the mean and a whitening matrix L with L Lᵀ = Σ⁻¹. Standardised scores: each term's median and IQR/1.349 on
+    `reference_normals` (validation normals: not trained on, so their reconstruction errors are those of unseen
+    normals), else on the training normals, which look more normal than new images do.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    model.eval()
+    stats = model.stats
+    stats.center.zero_()
+    stats.scale.fill_(1.0)
+    if len(train_normals) == 0:
+        raise ValueError("no training normals to fit the score statistics on")
+    pick = np.linspace(0, len(train_normals) - 1, min(max_fit, len(train_normals))).round().astype(int)
+    net = inference_model(model)
+    device = next(model.parameters()).device
+    feats = []
+    for s in range(0, len(pick), batch_size):
+        x = to_model_range(torch.from_numpy(np.ascontiguousarray(train_normals[pick[s : s + batch_size]]))).to(device)
+        x_rec, z, feats_u = net.U(x.contiguous(memory_format=torch.channels_last))
+        z_rec = net.E(x_rec)[0] if net.E is not None else None
+        feats.append(feature_vector(model.cfg.fdist_features, z, feats_u, z_rec).double().cpu().numpy())
+    f = np.concatenate(feats)
+    lw = LedoitWolf().fit(f)
+    precision = torch.from_numpy(lw.precision_)  # shrinkage keeps it well conditioned, whatever N and F are
+    precision = 0.5 * (precision + precision.T)
+    stats.feat_mean.copy_(torch.from_numpy(lw.location_))
+    stats.feat_whiten.copy_(torch.linalg.cholesky(precision))
+    if model.cfg.score_norm != "standardised":
+        return
+    ref = reference_normals if reference_normals is not None and len(reference_normals) >= 10 else None
+    if ref is None:
+        log.warning("standardising score terms on training normals: fewer than 10 validation normals")
+        ref = train_normals[pick]
+    comps = score_images(model, ref, batch_size)
+    for i, k in enumerate(COMPONENTS):
+        if k in comps:
+            q25, q50, q75 = np.quantile(comps[k], [0.25, 0.5, 0.75])
+            spread = (q75 - q25) / 1.349 or float(np.std(comps[k])) or 1.0
+            stats.center[i] = float(q50)
+            stats.scale[i] = float(spread)
 
 
 def threshold_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:

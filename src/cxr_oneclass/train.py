@@ -178,19 +178,22 @@ def fit(
     if bs < distributed.world_size():
         raise DataError(f"batch size {bs} is smaller than the {distributed.world_size()} processes")
     # Drop the ragged last batch: a batch of 1 breaks batch norm, and small ones make its statistics noisy.
-    n_batches = max(1, n // bs)
+    per_epoch = max(1, n // bs)
+    total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * per_epoch
+    n_epochs = -(-total_steps // per_epoch)  # a step budget ends with a partial pass when it does not divide
     result = TrainResult(model)
     t_start = time.perf_counter()
     model.train()
     keys: list[str] = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, n_epochs + 1):
+        n_batches = min(per_epoch, total_steps - (epoch - 1) * per_epoch)
         t0 = time.perf_counter()
         trainer.data_seconds = 0.0
         order = torch.randperm(n, generator=gen)
         if data.device != order.device:
             order = order.to(data.device)
         sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{n_epochs}", unit="batch", leave=False, disable=not progress)
         for b in bar:
             x, x_in, share = trainer.batch(data, order[b * bs : (b + 1) * bs])
             terms = trainer.step(x, x_in, share)

@@ -17,14 +17,14 @@ import numpy as np
 
 from . import __version__, distributed
 from .checkpoint import load_run, save_run
-from .config import Config
+from .config import Config, replace
 from .data.images import IMAGE_SUFFIXES, load_image
 from .data.sources import Dataset, ImageSet, load_dataset
-from .errors import DataError, ImageError
+from .errors import ConfigError, DataError, ImageError
 from .evaluate import auc, compute_metrics
-from .io_utils import write_csv, write_json
-from .nets import OneClassGAN
-from .scoring import COMPONENTS, Calibration, fit_calibration, score_images
+from .io_utils import write_csv, write_json, write_text
+from .nets import OneClassGAN, ScoreStats, fdist_dim
+from .scoring import COMPONENTS, Calibration, fit_calibration, fit_score_stats, needs_stats, score_images
 from .train import fit
 from .viz import save_overlay
 
@@ -55,10 +55,14 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
     if train is None or train.n_normal == 0:
         raise DataError(f"data {ds.spec!r}: no normal training images (found: {ds.summary() or 'nothing'})")
     val = ds.splits.get("val")
+    train_normals = train.images[train.labels == 0]
+    val_normals = val.images[val.labels == 0] if val is not None else None
     so_far: list[dict] = []
 
     def on_epoch_end(model: OneClassGAN, row: dict) -> None:
         # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
+        if needs_stats(cfg) and ((val is not None and val.n_abnormal and val.n_normal) or monitor):
+            fit_score_stats(model, train_normals, val_normals, cfg.batch_size)
         if val is not None and val.n_abnormal and val.n_normal:
             row["val_auc"] = auc(val.labels, score_images(model, val.images, cfg.batch_size)["score"])
         for name, images in (monitor or {}).items():
@@ -68,8 +72,9 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
             write_csv(out_dir / "history.csv", so_far)
 
     t0 = time.perf_counter()
-    result = fit(cfg, train.images[train.labels == 0], on_epoch_end=on_epoch_end, progress=progress)
+    result = fit(cfg, train_normals, on_epoch_end=on_epoch_end, progress=progress)
     model = result.model
+    fit_score_stats(model, train_normals, val_normals, cfg.batch_size)
     if val is not None and len(val):
         calib_set = val
     else:
@@ -89,6 +94,44 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
         save_run(out_dir, model, cfg, calibration, extra)
         write_csv(out_dir / "history.csv", result.history)
     return TrainOutcome(out_dir, model, calibration, result.history, ds, time.perf_counter() - t0, val_auc, extra)
+
+
+SCORE_FIELDS = ("score_terms", "score_norm", "fdist_features")
+
+
+def rescore_run(run_dir: str | Path, out_dir: str | Path, data: str | Dataset | None = None, **score: Any) -> TrainOutcome:
+    """A copy of a trained run with another anomaly score (`score_terms`, `score_norm`, `fdist_features`): same
+    weights, score statistics refitted on the train and validation splits, new calibration. Ablates the score
+    without training again."""
+    bad = sorted(set(score) - set(SCORE_FIELDS))
+    if bad:
+        raise ConfigError(f"rescore changes only {', '.join(SCORE_FIELDS)}; not {', '.join(bad)}")
+    model, _, doc = load_run(run_dir)
+    cfg = replace(model.cfg, **{k: v for k, v in score.items() if v is not None})
+    spec = data if data is not None else doc.get("data")
+    if spec is None:
+        raise DataError("no --data given and the run does not record its data spec")
+    ds = spec if isinstance(spec, Dataset) else load_dataset(spec, cfg.image_size, cfg.seed, splits=("train", "val"))
+    train, val = ds.splits.get("train"), ds.splits.get("val")
+    if train is None or train.n_normal == 0:
+        raise DataError(f"data {ds.spec!r}: no normal training images to fit the score statistics on")
+    t0 = time.perf_counter()
+    model.cfg = cfg
+    model.stats = ScoreStats(fdist_dim(cfg), len(COMPONENTS))
+    val_normals = val.images[val.labels == 0] if val is not None else None
+    fit_score_stats(model, train.images[train.labels == 0], val_normals, cfg.batch_size)
+    calib_set = val if val is not None and len(val) else train
+    scored = score_images(model, calib_set.images, cfg.batch_size)
+    calibration = fit_calibration(scored["score"], calib_set.labels)
+    val_auc = auc(calib_set.labels, scored["score"]) if calib_set is val and val.n_normal and val.n_abnormal else None
+    extra = {k: v for k, v in doc.items() if k not in ("version", "config", "calibration")}
+    extra.update({"val_auc": val_auc, "rescored_from": str(run_dir), "data": ds.spec})
+    out_dir = Path(out_dir)
+    save_run(out_dir, model, cfg, calibration, extra)
+    history = Path(run_dir) / "history.csv"
+    if history.is_file() and out_dir.resolve() != Path(run_dir).resolve():
+        write_text(out_dir / "history.csv", history.read_text(encoding="utf-8"))
+    return TrainOutcome(out_dir, model, calibration, [], ds, time.perf_counter() - t0, val_auc, extra)
 
 
 def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
