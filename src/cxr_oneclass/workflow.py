@@ -62,7 +62,9 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
     def on_epoch_end(model: OneClassGAN, row: dict) -> None:
         # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
         if needs_stats(cfg) and ((val is not None and val.n_abnormal and val.n_normal) or monitor):
-            fit_score_stats(model, train_normals, val_normals, cfg.batch_size)
+            # A subset of the training normals is enough for a per-epoch reading and keeps monitoring cheap; the
+            # statistics saved with the model are fitted on all of them after training.
+            fit_score_stats(model, train_normals, val_normals, cfg.batch_size, max_fit=512)
         if val is not None and val.n_abnormal and val.n_normal:
             row["val_auc"] = auc(val.labels, score_images(model, val.images, cfg.batch_size)["score"])
         for name, images in (monitor or {}).items():
