@@ -84,3 +84,16 @@ def test_history_is_written_every_epoch(tmp_path, monkeypatch):
     cfg = resolve("paper", image_size=32, width=8, batch_size=8, epochs=3, num_threads=1)
     workflow.train_run(cfg, f"folder:{data}", tmp_path / "run", progress=False)
     assert written == [1, 2, 3, 3]  # after each epoch, then the final history
+
+
+def test_default_preset_is_best_and_rescore_gives_the_paper_score(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["config"]["score_norm"] == "standardised" and doc["config"]["score_terms"] == "ssim+fdist"
+    out = tmp_path / "paper-score"
+    argv = ["rescore", str(run), "--out", str(out), "--data", f"folder:{data}", "--score-terms", "rec+adv+enc", "--score-norm", "weights"]
+    assert main(argv) == 0
+    re_doc = json.loads((out / "config.json").read_text())
+    assert re_doc["config"]["score_terms"] == "rec+adv+enc" and re_doc["rescored_from"] == str(run)
+    assert (out / "history.csv").is_file() and "validation AUC" in capsys.readouterr().out
+    assert main(["-q", "evaluate", str(out), "--data", f"folder:{data}", "--out", str(tmp_path / "ev")]) == 0
