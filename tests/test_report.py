@@ -129,3 +129,17 @@ def test_single_run_report(tmp_path):
     assert TEST_AUC_LABEL not in html  # a plain run logs no test AUC per epoch
     md = (run / "report.md").read_text(encoding="utf-8")
     assert all((run / l).is_file() for l in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
+
+
+def test_rewritten_report_leaves_no_stale_figures(experiment, tmp_path):
+    copy = tmp_path / "exp"
+    shutil.copytree(experiment, copy, ignore=shutil.ignore_patterns("report*"))
+    out = tmp_path / "rep"
+    write_report(copy, out=out)
+    assert (out / "report_figures" / "reconstructions.png").is_file()
+    doc = json.loads((copy / "experiment.json").read_text())
+    doc["data"] = f"folder:{tmp_path / 'moved-away'}"  # second report cannot draw reconstructions
+    (copy / "experiment.json").write_text(json.dumps(doc))
+    write_report(copy, out=out)
+    assert not (out / "report_figures" / "reconstructions.png").exists()
+    assert (out / "report_figures" / "roc.png").is_file()

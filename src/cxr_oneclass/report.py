@@ -710,6 +710,11 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
         _examples_section(src, figdir),
         _subgroup_section(src),
     ]
+    # Figures an earlier report wrote but this one does not (e.g. fewer sections) would linger beside report.md.
+    used = {part[1] for sec in sections for part in sec.parts if part[0] == "fig"}
+    for stale in figdir.glob("*.png"):
+        if stale.name not in used:
+            stale.unlink()
     what = "experiment" if src.kind == "experiment" else "run"
     title = f"cxr-oneclass {what} report: {src.path.resolve().name}"
     write_text(out_dir / "report.md", _render_md(title, sections))
