@@ -154,3 +154,13 @@ def test_best_preset_scores_variants_without_e_on_u_latent():
     assert method_config("full", best).fdist_features == "ez"
     out = score_tensor(build_model(method_config("u+d", best)).eval(), torch.zeros(2, 1, 32, 32))
     assert {"ssim", "fdist", "adv"} <= set(out) and "enc" not in out
+
+
+def test_fdist_fits_on_very_few_training_normals():
+    from cxr_oneclass.scoring import fit_score_stats
+
+    model = build_model(resolve("best", **TINY)).eval()
+    for n in (1, 2, 3):
+        fit_score_stats(model, blob_images(n, 32, seed=1), blob_images(12, 32, seed=2))
+        out = score_images(model, blob_images(3, 32, seed=3))
+        assert np.isfinite(out["score"]).all() and np.isfinite(out["fdist"]).all(), n

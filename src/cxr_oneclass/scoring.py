@@ -209,11 +209,26 @@ def fit_score_stats(
         z_rec = net.E(x_rec)[0] if net.E is not None else None
         feats.append(feature_vector(model.cfg.fdist_features, z, feats_u, z_rec).double().cpu().numpy())
     f = np.concatenate(feats)
-    lw = LedoitWolf().fit(f)
-    precision = torch.from_numpy(lw.precision_)  # shrinkage keeps it well conditioned, whatever N and F are
-    precision = 0.5 * (precision + precision.T)
-    stats.feat_mean.copy_(torch.from_numpy(lw.location_))
-    stats.feat_whiten.copy_(torch.linalg.cholesky(precision))
+    if len(f) < 2:
+        log.warning("fdist fitted on %d training normal(s): its covariance is a guess (identity)", len(f))
+    lw = LedoitWolf().fit(f) if len(f) >= 2 else None
+    location = lw.location_ if lw is not None else f.mean(axis=0)
+    whiten = None
+    if lw is not None:  # shrinkage keeps the precision well conditioned for any N and F, except with a handful
+        precision = torch.from_numpy(lw.precision_)
+        try:
+            whiten = torch.linalg.cholesky(0.5 * (precision + precision.T))
+        except RuntimeError:
+            whiten = None
+    if whiten is None or not torch.isfinite(whiten).all():
+        # Very few images: add a ridge of 0.1% of the mean variance (identity when every feature is constant).
+        cov = lw.covariance_ if lw is not None else np.zeros((f.shape[1], f.shape[1]))
+        mean_var = float(np.trace(cov)) / cov.shape[0]
+        cov = cov + (1e-3 * mean_var if mean_var > 0 else 1.0) * np.eye(cov.shape[0])
+        precision = torch.from_numpy(np.linalg.inv(cov))
+        whiten = torch.linalg.cholesky(0.5 * (precision + precision.T))
+    stats.feat_mean.copy_(torch.from_numpy(location))
+    stats.feat_whiten.copy_(whiten)
     if model.cfg.score_norm != "standardised":
         return
     ref = reference_normals if reference_normals is not None and len(reference_normals) >= 10 else None
