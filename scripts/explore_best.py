@@ -25,16 +25,8 @@ from cxr_oneclass.config import resolve
 from cxr_oneclass.data.sources import load_dataset
 from cxr_oneclass.evaluate import auc
 from cxr_oneclass.runtime import to_model_range
+from cxr_oneclass.scoring import ssim_map
 from cxr_oneclass.workflow import train_run
-
-
-def _ssim_map(a: torch.Tensor, b: torch.Tensor, k: int = 7) -> torch.Tensor:
-    c1, c2 = 0.01**2 * 4, 0.03**2 * 4  # data range 2 ([-1, 1])
-    mu_a, mu_b = F.avg_pool2d(a, k, 1, k // 2), F.avg_pool2d(b, k, 1, k // 2)
-    saa = F.avg_pool2d(a * a, k, 1, k // 2) - mu_a**2
-    sbb = F.avg_pool2d(b * b, k, 1, k // 2) - mu_b**2
-    sab = F.avg_pool2d(a * b, k, 1, k // 2) - mu_a * mu_b
-    return ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +47,7 @@ def features(model, images: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:
         c = {"rec": r.mean((1, 2, 3)), "rec_l2": r.pow(2).mean((1, 2, 3))}
         for k in (4, 8):
             c[f"pool{k}"] = (F.avg_pool2d(x, k) - F.avg_pool2d(x_rec, k)).abs().mean((1, 2, 3))
-        smap = 1 - _ssim_map(x, x_rec)
+        smap = 1 - ssim_map(x, x_rec)
         c["ssim"] = smap.mean((1, 2, 3))
         c["ssim_top"] = smap.flatten(1).topk(smap[0].numel() // 50, dim=1).values.mean(1)
         r4 = F.avg_pool2d(r, 4).flatten(1)

@@ -76,15 +76,7 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
     t0 = time.perf_counter()
     result = fit(cfg, train_normals, on_epoch_end=on_epoch_end, progress=progress)
     model = result.model
-    fit_score_stats(model, train_normals, val_normals, cfg.batch_size)
-    if val is not None and len(val):
-        calib_set = val
-    else:
-        log.warning("no validation split: calibrating on training images (thresholds will be optimistic)")
-        calib_set = train
-    scored = score_images(model, calib_set.images, cfg.batch_size)
-    calibration = fit_calibration(scored["score"], calib_set.labels)
-    val_auc = auc(calib_set.labels, scored["score"]) if calib_set is val else None
+    calibration, val_auc = fit_score_and_calibration(model, train, val)
     extra = {
         "data": ds.spec,
         "data_summary": ds.summary(),
@@ -96,6 +88,22 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
         save_run(out_dir, model, cfg, calibration, extra)
         write_csv(out_dir / "history.csv", result.history)
     return TrainOutcome(out_dir, model, calibration, result.history, ds, time.perf_counter() - t0, val_auc, extra)
+
+
+def fit_score_and_calibration(model: OneClassGAN, train: ImageSet, val: ImageSet | None) -> tuple[Calibration, float | None]:
+    """After training (or on a rescored run): fit the score's statistics on the training normals (and validation
+    normals), then the calibration on validation; returns it and the validation AUC (None without both classes)."""
+    cfg = model.cfg
+    val_normals = val.images[val.labels == 0] if val is not None else None
+    fit_score_stats(model, train.images[train.labels == 0], val_normals, cfg.batch_size)
+    if val is not None and len(val):
+        calib_set = val
+    else:
+        log.warning("no validation split: calibrating on training images (thresholds will be optimistic)")
+        calib_set = train
+    scored = score_images(model, calib_set.images, cfg.batch_size)
+    calibration = fit_calibration(scored["score"], calib_set.labels)
+    return calibration, (auc(calib_set.labels, scored["score"]) if calib_set is val else None)
 
 
 SCORE_FIELDS = ("score_terms", "score_norm", "fdist_features")
@@ -120,12 +128,7 @@ def rescore_run(run_dir: str | Path, out_dir: str | Path, data: str | Dataset | 
     t0 = time.perf_counter()
     model.cfg = cfg
     model.stats = ScoreStats(fdist_dim(cfg), len(COMPONENTS))
-    val_normals = val.images[val.labels == 0] if val is not None else None
-    fit_score_stats(model, train.images[train.labels == 0], val_normals, cfg.batch_size)
-    calib_set = val if val is not None and len(val) else train
-    scored = score_images(model, calib_set.images, cfg.batch_size)
-    calibration = fit_calibration(scored["score"], calib_set.labels)
-    val_auc = auc(calib_set.labels, scored["score"]) if calib_set is val and val.n_normal and val.n_abnormal else None
+    calibration, val_auc = fit_score_and_calibration(model, train, val)
     extra = {k: v for k, v in doc.items() if k not in ("version", "config", "calibration")}
     extra.update({"val_auc": val_auc, "rescored_from": str(run_dir), "data": ds.spec})
     out_dir = Path(out_dir)
