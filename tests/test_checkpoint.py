@@ -41,3 +41,20 @@ def test_missing_or_broken_runs_give_clear_errors(tmp_path):
     (tmp_path / "r" / "config.json").write_text(json.dumps(doc))
     with pytest.raises(RunError, match="do not match"):
         load_run(tmp_path / "r")
+
+
+def test_runs_saved_before_the_sdist_term_still_load_and_score_the_same(tmp_path):
+    """Older checkpoints have 5 score-term centres/scales and no sdist statistics: they load, unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = resolve("paper", image_size=32, width=8, batch_size=16, epochs=1)
+    model = fit(cfg, blob_images(32, 32, seed=1), progress=False).model
+    save_run(tmp_path / "run", model, cfg, None)
+    path = tmp_path / "run" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("stats.sd_")}
+    state["stats.center"], state["stats.scale"] = state["stats.center"][:5], state["stats.scale"][:5]
+    save_file(state, str(path))
+    loaded, _, _ = load_run(tmp_path / "run")
+    images = blob_images(4, 32, seed=3, abnormal=True)
+    np.testing.assert_allclose(score_images(loaded, images)["score"], score_images(model, images)["score"], rtol=1e-6)
+    assert loaded.stats.center.shape == (6,) and float(loaded.stats.scale[5]) == 1.0

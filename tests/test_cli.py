@@ -36,7 +36,7 @@ def test_evaluate_writes_metrics_and_scores(trained_run, tmp_path, capsys):
     assert main(["evaluate", str(run), "--data", f"folder:{data}", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["n_normal"] == 6 and m["n_abnormal"] == 6 and 0 <= m["auc"] <= 1
-    assert set(m["component_auc"]) == {"rec", "adv", "enc", "ssim", "fdist"}
+    assert set(m["component_auc"]) == {"rec", "adv", "enc", "ssim", "fdist", "sdist"}
     assert {"sensitivity", "specificity"} <= set(m["at_threshold"])
     rows = list(csv.DictReader(open(tmp_path / "ev" / "scores.csv")))
     assert len(rows) == 12 and {"file", "label", "score", "rec", "adv", "enc"} <= set(rows[0])
@@ -89,7 +89,11 @@ def test_history_is_written_every_epoch(tmp_path, monkeypatch):
 def test_default_preset_is_best_and_rescore_gives_the_paper_score(trained_run, tmp_path, capsys):
     data, run = trained_run
     doc = json.loads((run / "config.json").read_text())
-    assert doc["config"]["score_norm"] == "standardised" and doc["config"]["score_terms"] == "ssim+fdist"
+    # the best preset's score terms "auto" are chosen on validation and saved resolved, with every candidate's AUC
+    sel = doc["score_selection"]
+    assert doc["config"]["score_norm"] == "standardised" and doc["config"]["score_terms"] == sel["chosen"]
+    assert sel["requested"] == "auto" and set(sel["val_auc_by_terms"]) == {"ssim", "fdist", "sdist", "ssim+fdist", "ssim+sdist", "fdist+sdist", "ssim+fdist+sdist"}
+    assert sel["val_auc_by_terms"][sel["chosen"]] == max(sel["val_auc_by_terms"].values()) == pytest.approx(doc["val_auc"])
     out = tmp_path / "paper-score"
     argv = ["rescore", str(run), "--out", str(out), "--data", f"folder:{data}", "--score-terms", "rec+adv+enc", "--score-norm", "weights"]
     assert main(argv) == 0

@@ -45,7 +45,7 @@ def test_export_checks_carries_metadata_and_matches_pytorch(run, tmp_path):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["cxr_oneclass.image_size"] == "32"
     assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["score", "rec", "adv", "enc", "ssim", "fdist", "heatmap"]
+    assert [o.name for o in proto.graph.output] == ["score", "rec", "adv", "enc", "ssim", "fdist", "sdist", "heatmap"]
     assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]  # written atomically: no temp file left
     scorer = OnnxScorer(tmp_path / "m.onnx")
     assert scorer.image_size == 32 and scorer.calibration == cal
@@ -62,7 +62,7 @@ def test_variant_without_d_exports_its_components(tmp_path):
     model = fit(resolve("paper", variant="u+e", epochs=1, **TINY), blob_images(32, 32, seed=1), progress=False).model
     export_onnx(model, tmp_path / "ue.onnx")
     scorer = OnnxScorer(tmp_path / "ue.onnx")
-    assert scorer.outputs == ["score", "rec", "enc", "ssim", "fdist", "heatmap"] and scorer.calibration is None
+    assert scorer.outputs == ["score", "rec", "enc", "ssim", "fdist", "sdist", "heatmap"] and scorer.calibration is None
     images = blob_images(4, 32, seed=2)
     np.testing.assert_allclose(scorer.score(images)["score"], score_images(model, images)["score"], rtol=1e-4)
 

@@ -164,3 +164,53 @@ def test_fdist_fits_on_very_few_training_normals():
         fit_score_stats(model, blob_images(n, 32, seed=1), blob_images(12, 32, seed=2))
         out = score_images(model, blob_images(3, 32, seed=3))
         assert np.isfinite(out["score"]).all() and np.isfinite(out["fdist"]).all(), n
+
+
+def test_sdist_is_the_mahalanobis_distance_of_the_pooled_first_map_and_flags_a_small_lesion():
+    from sklearn.covariance import LedoitWolf
+
+    from cxr_oneclass.nets import sdist_shape
+    from cxr_oneclass.scoring import fit_score_stats, inference_model, sdist_grid
+
+    model = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
+    train = blob_images(64, 32, seed=1)
+    fit_score_stats(model, train)
+    channels, kept, side = sdist_shape(model.cfg)
+    assert (channels, kept, side) == (8, 4, 8) and model.stats.sd_whiten.shape == (4 * 64, 4 * 64)
+    normal = blob_images(12, 32, seed=40)
+    lesion = normal.copy()
+    lesion[:, 12:15, 8:11] = 255  # a 3x3 px bright spot in the left lobe: a few cells of the 8x8 grid
+    got, got_normal = score_images(model, lesion)["sdist"], score_images(model, normal)["sdist"]
+    assert (got > got_normal).all()  # pairwise: the same image with and without the spot
+
+    def grid(images):  # the projected, pooled first map, computed here from the stored statistics
+        with torch.no_grad():
+            x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+            g = sdist_grid(inference_model(model).U(x)[2][0], side) - model.stats.sd_chan_mean[None, :, None, None]
+            return torch.einsum("bchw,cp->bphw", g, model.stats.sd_proj).flatten(1).double().numpy()
+
+    lw = LedoitWolf().fit(grid(train))
+    np.testing.assert_allclose(got, lw.mahalanobis(grid(lesion)) / grid(lesion).shape[1], rtol=2e-3)
+    # the kept directions are orthonormal principal directions of the channels
+    proj = model.stats.sd_proj.double()
+    np.testing.assert_allclose((proj.T @ proj).numpy(), np.eye(kept), atol=1e-5)
+
+
+def test_auto_score_terms_pick_the_best_validation_combination_and_prefer_fewer_terms():
+    from cxr_oneclass.config import ConfigError
+    from cxr_oneclass.nets import new_score_stats
+    from cxr_oneclass.scoring import select_score_terms
+
+    stats = new_score_stats(resolve("best", **TINY))
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    noise = {k: rng.normal(size=100) for k in ("ssim", "fdist", "sdist", "rec")}
+    comps = {**noise, "sdist": noise["sdist"] + 3.0 * labels, "rec": 10.0 * labels}  # rec is not a candidate
+    chosen, table = select_score_terms(comps, labels, stats)
+    assert chosen == "sdist" and len(table) == 7 and "rec" not in chosen
+    same = {k: np.where(labels == 1, 5.0, 0.0) + 0.0 for k in ("ssim", "fdist", "sdist")}  # all perfect: a tie
+    assert select_score_terms(same, labels, stats)[0] == "ssim"
+    with pytest.raises(ValueError, match="normal and abnormal"):
+        select_score_terms(comps, np.zeros(100, int), stats)
+    with pytest.raises(ConfigError, match="standardised"):
+        resolve("best", score_norm="weights")

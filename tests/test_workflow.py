@@ -34,6 +34,8 @@ def test_best_preset_trains_the_paper_networks_and_rescore_reproduces_it(tmp_pat
     for (k, a), b in zip(paper.model.state_dict().items(), best.model.state_dict().values()):
         if not k.startswith("stats."):
             assert torch.equal(a, b), k
-    re = rescore_run(tmp_path / "paper", tmp_path / "re", score_terms="ssim+fdist", score_norm="standardised", fdist_features="ez")
+    re = rescore_run(tmp_path / "paper", tmp_path / "re", score_terms="auto", score_norm="standardised", fdist_features="ez")
+    assert re.model.cfg.score_terms == best.model.cfg.score_terms != "auto"  # the same choice on the same validation
+    assert re.extra["score_selection"]["val_auc_by_terms"] == pytest.approx(best.extra["score_selection"]["val_auc_by_terms"], abs=1e-6)
     assert re.val_auc == pytest.approx(best.val_auc, abs=1e-6)
     assert re.calibration.threshold == pytest.approx(best.calibration.threshold, rel=1e-5)

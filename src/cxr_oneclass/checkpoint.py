@@ -60,6 +60,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[O
     model = build_model(cfg)
     try:
         state = load_file(str(Path(run_dir) / MODEL_FILE))
+        for key, fill in (("stats.center", 0.0), ("stats.scale", 1.0)):  # runs saved before a score term was added
+            have, want = state.get(key), getattr(model.stats, key.split(".")[1])
+            if have is not None and have.ndim == 1 and have.numel() < want.numel():
+                state[key] = torch.cat([have, torch.full((want.numel() - have.numel(),), fill, dtype=have.dtype)])
         result = model.load_state_dict(state, strict=False)
     except (RuntimeError, OSError, ValueError) as exc:
         raise RunError(f"{Path(run_dir) / MODEL_FILE}: weights do not match the config ({str(exc).splitlines()[0]})") from exc

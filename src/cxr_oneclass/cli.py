@@ -29,7 +29,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--precision", choices=("fp32", "bf16"))
     g.add_argument("--threads", dest="num_threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--score-terms", help="'+'-joined terms of the anomaly score: rec, adv, enc, ssim, fdist")
+    g.add_argument("--score-terms", help="'+'-joined terms of the anomaly score (rec, adv, enc, ssim, fdist, sdist), or auto: the sum of ssim/fdist/sdist that does best on validation (needs --score-norm standardised)")
     g.add_argument("--score-norm", choices=("weights", "standardised"), help="paper lambdas, or terms standardised on validation normals")
     g.add_argument("--fdist-features", choices=("u", "z", "ez"), help="features whose distance from the training normals fdist measures")
 
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("run")
     rs.add_argument("--out", required=True, help="run folder to write")
     rs.add_argument("--data", help="data spec (default: the one the run was trained on)")
-    rs.add_argument("--score-terms", help="'+'-joined terms: rec, adv, enc, ssim, fdist")
+    rs.add_argument("--score-terms", help="'+'-joined terms (rec, adv, enc, ssim, fdist, sdist) or auto")
     rs.add_argument("--score-norm", choices=("weights", "standardised"))
     rs.add_argument("--fdist-features", choices=("u", "z", "ez"))
     rs.set_defaults(func=cmd_rescore)

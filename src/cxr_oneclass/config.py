@@ -14,8 +14,12 @@ from .errors import ConfigError
 
 VARIANTS = ("u", "u+e", "u+d", "full")
 # Score terms: the paper's rec, adv, enc; ssim = 1 - SSIM(x, x'); fdist = Mahalanobis distance of the image's
-# features from those of the training normals (see scoring.py).
-SCORE_TERMS = ("rec", "adv", "enc", "ssim", "fdist")
+# features from those of the training normals; sdist = the same for U's first feature map, kept as a coarse
+# spatial grid so that a small lesion still moves it (see scoring.py).
+SCORE_TERMS = ("rec", "adv", "enc", "ssim", "fdist", "sdist")
+# score_terms "auto": the combination of these terms (standardised) with the highest validation AUC; each data set
+# gets its own, chosen on its validation split after training (scoring.select_score_terms).
+AUTO_TERMS = ("ssim", "fdist", "sdist")
 
 
 @dataclass
@@ -35,7 +39,7 @@ class Config:
     w_enc: float = 8.0
     w_feat: float = 1.0
     adv_loss: str = "bce"  # bce: eq. 2 for U; feature: L2 between D's deepest features on x and x' (GANomaly)
-    score_terms: str = "rec+adv+enc"  # '+'-joined terms of A(x) among SCORE_TERMS (those the variant has)
+    score_terms: str = "rec+adv+enc"  # '+'-joined terms of A(x) among SCORE_TERMS (those the variant has), or auto
     # weights: A = w_rec·rec + w_adv·adv + w_enc·enc (+ 1·ssim + 1·fdist), as the paper.
     # standardised: each term centred and scaled on validation normals (median, IQR), then summed with weight 1.
     score_norm: str = "weights"
@@ -75,10 +79,12 @@ class Config:
         if self.adv_loss not in ("bce", "feature"):
             raise ConfigError(f"adv-loss must be bce or feature, got {self.adv_loss!r}")
         bad = set(self.score_terms.split("+")) - set(SCORE_TERMS)
-        if bad or not self.score_terms:
-            raise ConfigError(f"score terms must be '+'-joined {'/'.join(SCORE_TERMS)}, got {self.score_terms!r}")
+        if self.score_terms != "auto" and (bad or not self.score_terms):
+            raise ConfigError(f"score terms must be auto or '+'-joined {'/'.join(SCORE_TERMS)}, got {self.score_terms!r}")
         if self.score_norm not in ("weights", "standardised"):
             raise ConfigError(f"score-norm must be weights or standardised, got {self.score_norm!r}")
+        if self.score_terms == "auto" and self.score_norm != "standardised":
+            raise ConfigError("score terms auto sums standardised terms: use it with score-norm standardised")
         if self.fdist_features not in ("u", "z", "ez"):
             raise ConfigError(f"fdist-features must be u, z or ez, got {self.fdist_features!r}")
         if self.fdist_features == "ez" and not self.uses_e:
@@ -124,7 +130,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # sets (docs/RESULTS.md, issue 7): 1 - SSIM(x, x') (structure U fails to reproduce) plus the Mahalanobis
     # distance of E's re-encoding of x' from the training normals', each standardised on validation normals.
     # The paper's 20·L1 ranks pneumonia *below* normal on the pediatric set (smooth films reconstruct easily).
-    "best": {"score_terms": "ssim+fdist", "score_norm": "standardised", "fdist_features": "ez"},
+    # `auto` picks, per data set and on its validation split only, which of ssim, fdist and sdist to sum: ssim+fdist
+    # on the real sets, sdist (small lesions) on the phantoms (docs/RESULTS.md, issues 3 and 7).
+    "best": {"score_terms": "auto", "score_norm": "standardised", "fdist_features": "ez"},
 }
 
 
@@ -181,4 +189,4 @@ def replace(cfg: Config, **changes: Any) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["Config", "DEFAULT_PRESET", "PRESETS", "VARIANTS", "SCORE_TERMS", "METHODS", "method_config", "resolve", "replace", "n_down_layers"]
+__all__ = ["Config", "DEFAULT_PRESET", "PRESETS", "VARIANTS", "SCORE_TERMS", "AUTO_TERMS", "METHODS", "method_config", "resolve", "replace", "n_down_layers"]

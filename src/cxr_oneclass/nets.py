@@ -127,17 +127,35 @@ def fdist_dim(cfg: Config) -> int:
     return cfg.latent_dim
 
 
+SDIST_CHANNELS = 4  # principal directions of U's first feature map that sdist keeps
+SDIST_SIDE = 8  # sdist's grid: the map is average-pooled to 8x8 cells (8x8 px each at 64 px)
+
+
+def sdist_shape(cfg: Config) -> tuple[int, int, int]:
+    """(channels of U's first feature map, principal directions kept, grid side) for the sdist score term."""
+    first = encoder_channels(cfg.image_size, cfg.width)[0]
+    return first, min(SDIST_CHANNELS, first), min(SDIST_SIDE, cfg.image_size // 2)
+
+
 class ScoreStats(nn.Module):
     """Statistics the anomaly score needs beyond the networks, fitted after training (scoring.fit_score_stats)
-    and saved with the weights: the training normals' feature mean (F,) and whitening matrix (F, F) for fdist,
-    and a centre and scale (K,) per score term for standardised scores (0 and 1 leave a term as it is)."""
+    and saved with the weights: the training normals' feature mean (F,) and whitening matrix (F, F) for fdist;
+    for sdist the channel mean (C,) and principal directions (C, P) of U's first map and the mean (G,) and
+    whitening matrix (G, G) of its pooled grid (G = P·side²); a centre and scale (K,) per score term for
+    standardised scores (0 and 1 leave a term as it is)."""
 
-    def __init__(self, n_features: int, n_terms: int) -> None:
+    def __init__(self, n_features: int, n_terms: int, sdist: tuple[int, int, int] = (1, 1, 1)) -> None:
         super().__init__()
+        channels, kept, side = sdist
+        grid = kept * side * side
         self.register_buffer("feat_mean", torch.zeros(n_features))
         self.register_buffer("feat_whiten", torch.eye(n_features))
         self.register_buffer("center", torch.zeros(n_terms))
         self.register_buffer("scale", torch.ones(n_terms))
+        self.register_buffer("sd_chan_mean", torch.zeros(channels))
+        self.register_buffer("sd_proj", torch.zeros(channels, kept))
+        self.register_buffer("sd_mean", torch.zeros(grid))
+        self.register_buffer("sd_whiten", torch.eye(grid))
 
 
 class OneClassGAN(nn.Module):
@@ -150,7 +168,7 @@ class OneClassGAN(nn.Module):
         self.U = UNetAutoencoder(cfg)
         self.E = Encoder(cfg.image_size, cfg.width, cfg.latent_dim) if cfg.uses_e else None
         self.D = Discriminator(cfg) if cfg.uses_d else None
-        self.stats = ScoreStats(fdist_dim(cfg), len(SCORE_TERMS))
+        self.stats = new_score_stats(cfg)
         init_weights(self, cfg.init_std)
 
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -159,6 +177,11 @@ class OneClassGAN(nn.Module):
         if self.E is not None:
             params += list(self.E.parameters())
         return params
+
+
+def new_score_stats(cfg: Config) -> ScoreStats:
+    """Unfitted statistics for `cfg`'s score (identity whitening, no centring)."""
+    return ScoreStats(fdist_dim(cfg), len(SCORE_TERMS), sdist_shape(cfg))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

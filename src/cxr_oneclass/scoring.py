@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
-from itertools import chain
+from itertools import chain, combinations
 
 import logging
 
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import SCORE_TERMS
-from .nets import OneClassGAN, fold_batchnorm
+from .config import AUTO_TERMS, SCORE_TERMS
+from .nets import OneClassGAN, fold_batchnorm, sdist_shape
 from .runtime import to_model_range, warn_if_bf16_is_emulated
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def has_component(model: OneClassGAN, name: str) -> bool:
 
 
 def model_components(model: OneClassGAN) -> list[str]:
-    """The components `model` reports: rec, ssim and fdist always; adv with D; enc with E."""
+    """The components `model` reports: rec, ssim, fdist and sdist always; adv with D; enc with E."""
     return [k for k in COMPONENTS if has_component(model, k)]
 
 
@@ -44,8 +44,9 @@ def component_weights(model: OneClassGAN) -> dict[str, float]:
     """Weights of the score terms that the variant has and the config scores with (`score_terms`): the paper's
     λ for rec/adv/enc (1 for ssim/fdist) under `weights`; 1 for every term under `standardised`."""
     cfg = model.cfg
-    chosen = set(cfg.score_terms.split("+"))
-    lam = {"rec": cfg.w_rec, "adv": cfg.w_adv, "enc": cfg.w_enc, "ssim": 1.0, "fdist": 1.0}
+    # "auto" before its choice on validation (scoring.select_score_terms) sums every candidate
+    chosen = set(AUTO_TERMS if cfg.score_terms == "auto" else cfg.score_terms.split("+"))
+    lam = {"rec": cfg.w_rec, "adv": cfg.w_adv, "enc": cfg.w_enc, "ssim": 1.0, "fdist": 1.0, "sdist": 1.0}
     if cfg.score_norm == "standardised":
         lam = dict.fromkeys(lam, 1.0)
     return {k: lam[k] for k in model_components(model) if k in chosen}
@@ -78,6 +79,12 @@ def feature_vector(cfg_features: str, z: torch.Tensor, feats_u: list[torch.Tenso
     return z_rec.float()
 
 
+def sdist_grid(first_map: torch.Tensor, side: int) -> torch.Tensor:
+    """U's first feature map (B, C, h, w) average-pooled to (B, C, side, side): a coarse map of what is where."""
+    k = first_map.shape[-1] // side
+    return F.avg_pool2d(first_map.float(), k) if k > 1 else first_map.float()
+
+
 def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Networks of `net` (eval mode) on x (B,1,H,W) in [-1,1] -> components (B,), score (B,), residual map and
     reconstruction (B,H,W). `x_net` is x as the networks take it (dtype, layout); default x.
@@ -100,6 +107,12 @@ def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | 
     f = feature_vector(net.cfg.fdist_features, z, feats_u, z_rec)
     w = (f - stats.feat_mean.float()) @ stats.feat_whiten.float()  # (B, F): whitened deviation from normals
     out["fdist"] = w.pow(2).mean(dim=1)  # squared Mahalanobis distance / F
+    # sdist: the same distance for U's first map, pooled to a grid and projected on its principal channels, so a
+    # lesion a few pixels wide still moves the cell it sits in (fdist's global vectors average it away).
+    grid = sdist_grid(feats_u[0], sdist_shape(net.cfg)[2])
+    g = torch.einsum("bchw,cp->bphw", grid - stats.sd_chan_mean.float()[None, :, None, None], stats.sd_proj.float())
+    w = (g.flatten(1) - stats.sd_mean.float()) @ stats.sd_whiten.float()  # (B, P·side²)
+    out["sdist"] = w.pow(2).mean(dim=1)
     weights = component_weights(net)
     if not weights:
         raise ValueError(f"score terms {net.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
@@ -135,6 +148,7 @@ def inference_model(model: OneClassGAN, precision: str = "fp32") -> OneClassGAN:
     cache = _INFERENCE.setdefault(model, {})
     hit = cache.get(precision)
     if hit is not None and hit[0] == state:
+        hit[1].cfg = model.cfg  # the score's terms can change without the weights (auto selection, rescore)
         return hit[1]
     net = fold_batchnorm(model).to(memory_format=torch.channels_last)
     if precision == "bf16":
@@ -172,45 +186,16 @@ def score_images(
 
 
 def needs_stats(cfg) -> bool:
-    """Whether the score uses fitted statistics (an fdist term, or standardised terms)."""
-    return cfg.score_norm == "standardised" or "fdist" in cfg.score_terms.split("+")
+    """Whether the score uses fitted statistics (an fdist or sdist term, or standardised terms)."""
+    return cfg.score_norm == "standardised" or bool({"fdist", "sdist"} & set(cfg.score_terms.split("+")))
 
 
-@torch.no_grad()
-def fit_score_stats(
-    model: OneClassGAN,
-    train_normals: np.ndarray,
-    reference_normals: np.ndarray | None = None,
-    batch_size: int = 64,
-    max_fit: int = 2000,
-) -> None:
-    """Fit the score's statistics into `model.stats`, in place.
-
-    fdist: mean and Ledoit-Wolf-shrunk covariance of the features of (up to `max_fit`) training normals, stored as
-    the mean and a whitening matrix L with L Lᵀ = Σ⁻¹. Standardised scores: each term's median and IQR/1.349 on
-    `reference_normals` (validation normals: not trained on, so their reconstruction errors are those of unseen
-    normals), else on the training normals, which look more normal than new images do.
-    """
+def _gaussian(f: np.ndarray, what: str) -> tuple[np.ndarray, torch.Tensor]:
+    """Mean and whitening matrix L (L Lᵀ = Σ⁻¹) of the rows of f (N, F), Σ shrunk by Ledoit-Wolf."""
     from sklearn.covariance import LedoitWolf
 
-    model.eval()
-    stats = model.stats
-    stats.center.zero_()
-    stats.scale.fill_(1.0)
-    if len(train_normals) == 0:
-        raise ValueError("no training normals to fit the score statistics on")
-    pick = np.linspace(0, len(train_normals) - 1, min(max_fit, len(train_normals))).round().astype(int)
-    net = inference_model(model)
-    device = next(model.parameters()).device
-    feats = []
-    for s in range(0, len(pick), batch_size):
-        x = to_model_range(torch.from_numpy(np.ascontiguousarray(train_normals[pick[s : s + batch_size]]))).to(device)
-        x_rec, z, feats_u = net.U(x.contiguous(memory_format=torch.channels_last))
-        z_rec = net.E(x_rec)[0] if net.E is not None else None
-        feats.append(feature_vector(model.cfg.fdist_features, z, feats_u, z_rec).double().cpu().numpy())
-    f = np.concatenate(feats)
     if len(f) < 2:
-        log.warning("fdist fitted on %d training normal(s): its covariance is a guess (identity)", len(f))
+        log.warning("%s fitted on %d training normal(s): its covariance is a guess (identity)", what, len(f))
     lw = LedoitWolf().fit(f) if len(f) >= 2 else None
     location = lw.location_ if lw is not None else f.mean(axis=0)
     whiten = None
@@ -227,8 +212,58 @@ def fit_score_stats(
         cov = cov + (1e-3 * mean_var if mean_var > 0 else 1.0) * np.eye(cov.shape[0])
         precision = torch.from_numpy(np.linalg.inv(cov))
         whiten = torch.linalg.cholesky(0.5 * (precision + precision.T))
+    return location, whiten
+
+
+@torch.no_grad()
+def fit_score_stats(
+    model: OneClassGAN,
+    train_normals: np.ndarray,
+    reference_normals: np.ndarray | None = None,
+    batch_size: int = 64,
+    max_fit: int = 2000,
+) -> None:
+    """Fit the score's statistics into `model.stats`, in place.
+
+    fdist: mean and Ledoit-Wolf-shrunk covariance of the features of (up to `max_fit`) training normals, stored as
+    the mean and a whitening matrix L with L Lᵀ = Σ⁻¹. sdist: the same for U's first map on a coarse grid, after
+    projecting its channels on their principal directions. Standardised scores: each term's median and IQR/1.349 on
+    `reference_normals` (validation normals: not trained on, so their reconstruction errors are those of unseen
+    normals), else on the training normals, which look more normal than new images do.
+    """
+    model.eval()
+    stats = model.stats
+    stats.center.zero_()
+    stats.scale.fill_(1.0)
+    if len(train_normals) == 0:
+        raise ValueError("no training normals to fit the score statistics on")
+    pick = np.linspace(0, len(train_normals) - 1, min(max_fit, len(train_normals))).round().astype(int)
+    net = inference_model(model)
+    device = next(model.parameters()).device
+    side = sdist_shape(model.cfg)[2]
+    feats, grids = [], []
+    for s in range(0, len(pick), batch_size):
+        x = to_model_range(torch.from_numpy(np.ascontiguousarray(train_normals[pick[s : s + batch_size]]))).to(device)
+        x_rec, z, feats_u = net.U(x.contiguous(memory_format=torch.channels_last))
+        z_rec = net.E(x_rec)[0] if net.E is not None else None
+        feats.append(feature_vector(model.cfg.fdist_features, z, feats_u, z_rec).double().cpu().numpy())
+        grids.append(sdist_grid(feats_u[0], side).double().cpu().numpy())
+    location, whiten = _gaussian(np.concatenate(feats), "fdist")
     stats.feat_mean.copy_(torch.from_numpy(location))
     stats.feat_whiten.copy_(whiten)
+    # sdist: principal channel directions of the pooled first map over every cell of every image, then a
+    # Gaussian over the projected grid as one vector (where a structure sits matters, as on a film).
+    g = np.concatenate(grids)  # (N, C, side, side)
+    cells = g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1])
+    chan_mean = cells.mean(axis=0)
+    _, _, vt = np.linalg.svd(cells - chan_mean, full_matrices=False)
+    proj = vt[: stats.sd_proj.shape[1]].T  # (C, P)
+    projected = np.einsum("nchw,cp->nphw", g - chan_mean[None, :, None, None], proj).reshape(len(g), -1)
+    location, whiten = _gaussian(projected, "sdist")
+    stats.sd_chan_mean.copy_(torch.from_numpy(chan_mean))
+    stats.sd_proj.copy_(torch.from_numpy(np.ascontiguousarray(proj)))
+    stats.sd_mean.copy_(torch.from_numpy(location))
+    stats.sd_whiten.copy_(whiten)
     if model.cfg.score_norm != "standardised":
         return
     ref = reference_normals if reference_normals is not None and len(reference_normals) >= 10 else None
@@ -242,6 +277,24 @@ def fit_score_stats(
             spread = (q75 - q25) / 1.349 or float(np.std(comps[k])) or 1.0
             stats.center[i] = float(q50)
             stats.scale[i] = float(spread)
+
+
+def select_score_terms(components: dict[str, np.ndarray], labels: np.ndarray, stats) -> tuple[str, dict[str, float]]:
+    """score_terms "auto": the sum of standardised AUTO_TERMS with the highest AUC on (validation) `components`
+    and `labels`; ties go to fewer terms. Returns the choice and every candidate's AUC."""
+    from .evaluate import auc
+
+    labels = np.asarray(labels)
+    if not (labels == 0).any() or not (labels == 1).any():
+        raise ValueError("choosing score terms needs normal and abnormal validation images")
+    index = {k: i for i, k in enumerate(COMPONENTS)}
+    z = {k: (components[k] - float(stats.center[index[k]])) / float(stats.scale[index[k]]) for k in AUTO_TERMS if k in components}
+    table = {}
+    for r in range(1, len(z) + 1):
+        for combo in combinations(z, r):
+            table["+".join(combo)] = auc(labels, sum(z[k] for k in combo))
+    best = max(table, key=lambda k: (round(table[k], 4), -k.count("+")))
+    return best, table
 
 
 def threshold_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:

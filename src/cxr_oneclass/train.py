@@ -215,7 +215,7 @@ def fit(
             on_epoch_end(model, row)
             model.train()
         result.history.append(row)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     result.seconds = time.perf_counter() - t_start

@@ -17,14 +17,14 @@ import numpy as np
 
 from . import __version__, distributed
 from .checkpoint import load_run, save_run
-from .config import Config, replace
+from .config import AUTO_TERMS, Config, replace
 from .data.images import IMAGE_SUFFIXES, load_image
 from .data.sources import Dataset, ImageSet, load_dataset
 from .errors import ConfigError, DataError, ImageError
 from .evaluate import auc, compute_metrics
 from .io_utils import write_csv, write_json, write_text
-from .nets import OneClassGAN, ScoreStats, fdist_dim
-from .scoring import COMPONENTS, Calibration, fit_calibration, fit_score_stats, needs_stats, score_images
+from .nets import OneClassGAN, new_score_stats
+from .scoring import COMPONENTS, Calibration, fit_calibration, fit_score_stats, needs_stats, score_images, select_score_terms
 from .train import fit
 from .viz import save_overlay
 
@@ -65,10 +65,17 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
             # A subset of the training normals is enough for a per-epoch reading and keeps monitoring cheap; the
             # statistics saved with the model are fitted on all of them after training.
             fit_score_stats(model, train_normals, val_normals, cfg.batch_size, max_fit=512)
-        if val is not None and val.n_abnormal and val.n_normal:
-            row["val_auc"] = auc(val.labels, score_images(model, val.images, cfg.batch_size)["score"])
+        has_val = val is not None and val.n_abnormal and val.n_normal
+        if has_val:
+            comps = score_images(model, val.images, cfg.batch_size)
+            row["val_auc"] = auc(val.labels, comps["score"])
+            if cfg.score_terms == "auto":  # the choice the end of training would make now, for the record
+                row["score_terms"], table = select_score_terms(comps, val.labels, model.stats)
+                row["val_auc"] = table[row["score_terms"]]
+                model.cfg = replace(cfg, score_terms=row["score_terms"])
         for name, images in (monitor or {}).items():
             row[name] = auc(images.labels, score_images(model, images.images, cfg.batch_size)["score"])
+        model.cfg = cfg
         so_far.append(dict(row))
         if distributed.is_main():  # written every epoch so that a long run can be followed
             write_csv(out_dir / "history.csv", so_far)
@@ -76,7 +83,7 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
     t0 = time.perf_counter()
     result = fit(cfg, train_normals, on_epoch_end=on_epoch_end, progress=progress)
     model = result.model
-    calibration, val_auc = fit_score_and_calibration(model, train, val)
+    calibration, val_auc, selection = fit_score_and_calibration(model, train, val)
     extra = {
         "data": ds.spec,
         "data_summary": ds.summary(),
@@ -84,15 +91,19 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
         "val_auc": val_auc,
         "skipped_files": [str(e) for e in ds.skipped],
     }
+    if selection:
+        extra["score_selection"] = selection
     if distributed.is_main():  # under torchrun every rank trains the same model; only rank 0 writes it
-        save_run(out_dir, model, cfg, calibration, extra)
+        save_run(out_dir, model, model.cfg, calibration, extra)
         write_csv(out_dir / "history.csv", result.history)
     return TrainOutcome(out_dir, model, calibration, result.history, ds, time.perf_counter() - t0, val_auc, extra)
 
 
-def fit_score_and_calibration(model: OneClassGAN, train: ImageSet, val: ImageSet | None) -> tuple[Calibration, float | None]:
+def fit_score_and_calibration(model: OneClassGAN, train: ImageSet, val: ImageSet | None) -> tuple[Calibration, float | None, dict | None]:
     """After training (or on a rescored run): fit the score's statistics on the training normals (and validation
-    normals), then the calibration on validation; returns it and the validation AUC (None without both classes)."""
+    normals); for score terms "auto", choose the terms on validation and set them in `model.cfg`; then fit the
+    calibration on validation. Returns it, the validation AUC (None without both classes) and the choice made
+    (None unless auto)."""
     cfg = model.cfg
     val_normals = val.images[val.labels == 0] if val is not None else None
     fit_score_stats(model, train.images[train.labels == 0], val_normals, cfg.batch_size)
@@ -102,8 +113,20 @@ def fit_score_and_calibration(model: OneClassGAN, train: ImageSet, val: ImageSet
         log.warning("no validation split: calibrating on training images (thresholds will be optimistic)")
         calib_set = train
     scored = score_images(model, calib_set.images, cfg.batch_size)
+    selection = None
+    if cfg.score_terms == "auto":
+        if calib_set is val and val.n_normal and val.n_abnormal:
+            chosen, table = select_score_terms(scored, val.labels, model.stats)
+            selection = {"requested": "auto", "chosen": chosen, "val_auc_by_terms": table}
+            log.info("score terms chosen on validation: %s (AUC %.3f)", chosen, table[chosen])
+        else:
+            chosen = "+".join(AUTO_TERMS)
+            selection = {"requested": "auto", "chosen": chosen, "val_auc_by_terms": None}
+            log.warning("score terms auto: no validation abnormals to choose on; using %s", chosen)
+        model.cfg = replace(cfg, score_terms=chosen)
+        scored = score_images(model, calib_set.images, cfg.batch_size)
     calibration = fit_calibration(scored["score"], calib_set.labels)
-    return calibration, (auc(calib_set.labels, scored["score"]) if calib_set is val else None)
+    return calibration, (auc(calib_set.labels, scored["score"]) if calib_set is val else None), selection
 
 
 SCORE_FIELDS = ("score_terms", "score_norm", "fdist_features")
@@ -127,12 +150,14 @@ def rescore_run(run_dir: str | Path, out_dir: str | Path, data: str | Dataset | 
         raise DataError(f"data {ds.spec!r}: no normal training images to fit the score statistics on")
     t0 = time.perf_counter()
     model.cfg = cfg
-    model.stats = ScoreStats(fdist_dim(cfg), len(COMPONENTS))
-    calibration, val_auc = fit_score_and_calibration(model, train, val)
-    extra = {k: v for k, v in doc.items() if k not in ("version", "config", "calibration")}
+    model.stats = new_score_stats(cfg)
+    calibration, val_auc, selection = fit_score_and_calibration(model, train, val)
+    extra = {k: v for k, v in doc.items() if k not in ("version", "config", "calibration", "score_selection")}
     extra.update({"val_auc": val_auc, "rescored_from": str(run_dir), "data": ds.spec})
+    if selection:
+        extra["score_selection"] = selection
     out_dir = Path(out_dir)
-    save_run(out_dir, model, cfg, calibration, extra)
+    save_run(out_dir, model, model.cfg, calibration, extra)
     history = Path(run_dir) / "history.csv"
     if history.is_file() and out_dir.resolve() != Path(run_dir).resolve():
         write_text(out_dir / "history.csv", history.read_text(encoding="utf-8"))
