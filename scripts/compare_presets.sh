@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Issue 7's final table: the `paper` preset and the `best` preset on the same trained weights (the presets differ
 # only in the score), per seed, on the test split. Usage: scripts/compare_presets.sh SET RUN_SEED0 RUN_SEED1 ...
-# where SET is a folder of ../shared/data. Writes runs/final/<SET>-compare.csv. Looks at test once, at the end.
+# where SET is a folder of ../shared/data. `best` scores with terms "auto" (chosen on validation). Writes runs/final/<SET>-compare.csv. Looks at test once, at the end.
 set -euo pipefail
 set_name=$1; shift
 data="csv:../shared/data/$set_name/manifest.csv"
 cli=.venv/bin/cxr-oneclass
 out=runs/final/$set_name-compare.csv
-echo "run,seed,preset,val_auc,test_auc,rec,adv,enc,ssim,fdist" > "$out.tmp"
+echo "run,seed,preset,terms,val_auc,test_auc,rec,adv,enc,ssim,fdist,sdist" > "$out.tmp"
 for run in "$@"; do
   best="runs/final/best-$set_name-$(basename "$run")"
-  $cli -q rescore "$run" --out "$best" --data "$data" --score-terms ssim+fdist --score-norm standardised --fdist-features ez > /dev/null
+  $cli -q rescore "$run" --out "$best" --data "$data" --score-terms auto --score-norm standardised --fdist-features ez > /dev/null
   for r in "$run" "$best"; do
     $cli -q evaluate "$r" --data "$data" --split test > /dev/null
     .venv/bin/python - "$r" >> "$out.tmp" <<'PY'
@@ -21,7 +21,7 @@ doc = json.loads((run / "config.json").read_text())
 m = json.loads((run / "eval-test" / "metrics.json").read_text())
 preset = "best" if doc["config"].get("score_norm") == "standardised" else "paper"
 c = m["component_auc"]
-print(",".join(str(v) for v in [run, doc["config"]["seed"], preset, round(doc["val_auc"], 4), round(m["auc"], 4)] + [round(c.get(k) or float("nan"), 4) for k in ("rec", "adv", "enc", "ssim", "fdist")]))
+print(",".join(str(v) for v in [run, doc["config"]["seed"], preset, doc["config"].get("score_terms", "rec+adv+enc"), round(doc["val_auc"], 4), round(m["auc"], 4)] + [round(c.get(k) or float("nan"), 4) for k in ("rec", "adv", "enc", "ssim", "fdist", "sdist")]))
 PY
   done
 done

@@ -121,3 +121,21 @@ def test_best_preset_exports_its_fitted_score(tmp_path):
     np.testing.assert_allclose(got["fdist"], ref["fdist"], rtol=1e-2)
     np.testing.assert_allclose(got["score"], ref["score"], atol=0.05)
     assert ref["score"][3:].mean() > ref["score"][:3].mean()  # abnormal blobs score higher
+
+
+def test_export_of_an_sdist_score_carries_its_heat_map(tmp_path):
+    """A best-preset score with sdist: the ONNX graph gives the same sdist term and cell-share heat map."""
+    from cxr_oneclass.scoring import fit_score_stats
+
+    cfg = resolve("paper", epochs=1, score_terms="ssim+sdist", score_norm="standardised", **TINY)
+    model = fit(cfg, blob_images(48, 32, seed=1), progress=False).model
+    fit_score_stats(model, blob_images(48, 32, seed=1), blob_images(12, 32, seed=2))
+    export_onnx(model, tmp_path / "s.onnx")
+    scorer = OnnxScorer(tmp_path / "s.onnx")
+    assert scorer.heatmap_kind == "sdist"
+    images = blob_images(4, 32, seed=7, abnormal=True)
+    got, ref = scorer.score(images, keep_maps=True), score_images(model, images, keep_maps=True)
+    np.testing.assert_allclose(got["sdist"], ref["sdist"], rtol=1e-3)
+    np.testing.assert_allclose(got["score"], ref["score"], rtol=1e-3, atol=1e-3)
+    heat_ref = ref["heatmap"].astype(np.float32)
+    np.testing.assert_allclose(got["heatmap"].astype(np.float32), heat_ref, atol=2e-3 * float(np.abs(heat_ref).max()))

@@ -214,3 +214,27 @@ def test_auto_score_terms_pick_the_best_validation_combination_and_prefer_fewer_
         select_score_terms(comps, np.zeros(100, int), stats)
     with pytest.raises(ConfigError, match="standardised"):
         resolve("best", score_norm="weights")
+
+
+def test_heat_map_follows_the_score_sdist_cells_point_at_a_small_lesion():
+    from cxr_oneclass.scoring import fit_score_stats, heatmap_kind
+
+    assert heatmap_kind(resolve("paper", **TINY)) == "residual" and heatmap_kind(resolve("best", **TINY)) == "sdist"
+    cfg = resolve("paper", epochs=1, score_terms="sdist", score_norm="standardised", **TINY)
+    model = fit(cfg, blob_images(48, 32, seed=1), progress=False).model
+    fit_score_stats(model, blob_images(64, 32, seed=1), blob_images(16, 32, seed=2))
+    normal = blob_images(8, 32, seed=40)
+    lesion = normal.copy()
+    lesion[:, 12:15, 8:11] = 255  # centred at (13, 9)
+    out = score_images(model, lesion, keep_maps=True)
+    heat = out["heatmap"].astype(np.float64)
+    assert heat.shape == (8, 32, 32)
+    # the map's mean is the sdist term (cell shares, enlarged bilinearly: equal up to the border)
+    np.testing.assert_allclose(heat.mean(axis=(1, 2)), out["sdist"], rtol=0.1)
+    for h in heat:
+        r, c = np.unravel_index(np.argmax(h), h.shape)
+        assert abs(r - 13) <= 5 and abs(c - 9) <= 5, (r, c)  # the hottest spot is on the lesion
+    # a paper-score model keeps the residual map, whose mean is rec
+    paper = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
+    res = score_images(paper, lesion, keep_maps=True)
+    np.testing.assert_allclose(res["heatmap"].astype(np.float64).mean(axis=(1, 2)), res["rec"], rtol=1e-2)

@@ -17,6 +17,7 @@ from .data.phantom import ABNORMALITIES, PhantomOptions
 from .data.sources import load_dataset
 from .evaluate import auc, compute_metrics
 from .io_utils import write_csv, write_json
+from .scoring import HEATMAP_DISPLAY, heatmap_kind
 from .viz import examples_figure, roc_figure
 from .workflow import score_set, train_run
 
@@ -65,7 +66,9 @@ def run_demo(out_dir: str | Path = "runs/demo", epochs: int | None = None, seed:
         if idx.size:
             i = idx[np.argsort(scored["normalised"][idx])[idx.size // 2]]
             rows.append((kind, test.images[i], scored["reconstruction"][i], scored["heatmap"][i], float(scored["normalised"][i])))
-    examples_figure(out / "examples.png", rows, title="median-scored test image of each kind (score: 0-1 = validation range)")
+    heat_label, heat_max = HEATMAP_DISPLAY[heatmap_kind(outcome.model.cfg)]
+    examples_figure(out / "examples.png", rows, title="median-scored test image of each kind (score: 0-1 = validation range)",
+                    heat_label=heat_label, heat_max=heat_max)
     write_csv(
         out / "scores.csv",
         [{"file": n, "kind": k, "label": int(l), "score": s} for n, k, l, s in zip(test.names, kinds, test.labels, scored["normalised"])],

@@ -5,11 +5,13 @@ The graph (`ScoringGraph`):
                       `data.images.load_image` returns (stack them and add the channel axis); B is dynamic
     outputs score     float32 (B,): the raw anomaly score A(x) (eq. of scoring.py, eval-mode batch norm)
             rec, ssim, fdist, adv, enc  float32 (B,): the components the model has (adv with D, enc with E)
-            heatmap   float32 (B, H, W): |x - x'| in the model's [-1, 1] units (its mean is `rec`)
+            heatmap   float32 (B, H, W): where the score sees the abnormality. |x - x'| in the model's [-1, 1] units
+                      (its mean is `rec`), or for scores with sdist each grid cell's share of sdist, enlarged
+                      bilinearly (its mean is about `sdist`); metadata `cxr_oneclass.heatmap` says which
 
 Metadata (`metadata_props`) carries what scoring needs without the run folder: `cxr_oneclass.image_size`,
 `cxr_oneclass.calibration` (JSON: lo, hi, threshold on the normalised scale; "null" if the run had none),
-`cxr_oneclass.config`, `cxr_oneclass.components`, `cxr_oneclass.version`. normalised = (score - lo) / (hi - lo);
+`cxr_oneclass.config`, `cxr_oneclass.components`, `cxr_oneclass.heatmap` (residual | sdist), `cxr_oneclass.version`. normalised = (score - lo) / (hi - lo);
 an image is flagged when normalised >= threshold.
 
 Exported with the TorchScript-based exporter (`dynamo=False`: the torch.export-based one needs onnxscript), batch
@@ -30,7 +32,7 @@ from . import __version__
 from .errors import RunError
 from .io_utils import atomic_path
 from .nets import OneClassGAN, fold_batchnorm
-from .scoring import COMPONENTS, Calibration, component_weights, compute_components, model_components, score_tensor
+from .scoring import COMPONENTS, Calibration, component_weights, compute_components, heatmap_kind, model_components, score_tensor
 
 FORMAT = "cxr-oneclass-onnx/1"
 OPSET = 17
@@ -83,6 +85,7 @@ def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | 
             "score_weights": json.dumps(graph.weights),
             "calibration": json.dumps(calibration.to_dict() if calibration else None),
             "config": json.dumps(model.cfg.to_dict()),
+            "heatmap": heatmap_kind(model.cfg),
         }
         del proto.metadata_props[:]
         for k, v in meta.items():
@@ -147,6 +150,7 @@ class OnnxScorer:
         cal = json.loads(meta.get(META + "calibration", "null"))
         self.calibration = Calibration.from_dict(cal) if cal else None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.heatmap_kind = meta.get(META + "heatmap", "residual")  # exports before sdist: always the residual
 
     def score(self, images: np.ndarray, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
         """Like `scoring.score_images`: score and components (N,) as float64, heat maps (N,H,W) as float16."""

@@ -28,7 +28,7 @@ from .errors import RunError
 from .evaluate import auc as auc_of
 from .evaluate import operating_point
 from .io_utils import write_text
-from .scoring import COMPONENTS, threshold_at_sensitivity
+from .scoring import COMPONENTS, HEATMAP_DISPLAY, heatmap_kind, threshold_at_sensitivity
 from .viz import HEAT_MAX, _save_fig
 
 log = logging.getLogger(__name__)
@@ -583,10 +583,11 @@ def _examples_section(src: Source, figdir: Path) -> Section:
             meta_col = next((c for c in ("kind", "subtype", "nih_finding_labels") if c in iset.meta), None)
             tags = [str(iset.meta[meta_col][i]) if meta_col else "" for i in idx]
             panels.append((title, iset.images[idx], scored["reconstruction"], scored["heatmap"], norm, tags))
-    _grid_figure(figdir / "reconstructions.png", panels)
+    heat_label, heat_max = HEATMAP_DISPLAY[heatmap_kind(model.cfg)]
+    _grid_figure(figdir / "reconstructions.png", panels, heat_label, heat_max)
     s.fig("reconstructions.png",
           f"Model {run.name}: {N_EXAMPLES} images per group picked evenly through the split (not by score). Rows: input, "
-          f"reconstruction x', residual |x - x'| (inferno, saturating at {HEAT_MAX}). Numbers: normalised score "
+          f"reconstruction x', heat map {heat_label} (inferno, saturating at {heat_max}). Numbers: normalised score "
           "(0-1 = validation range); the stored threshold is " + (f"{cal.threshold:.2f}." if cal else "unknown."))
     return s
 
@@ -599,7 +600,7 @@ def _short_tag(tag: str) -> str:
     return parts[0][:14] + (f" +{len(parts) - 1}" if len(parts) > 1 else "")
 
 
-def _grid_figure(path: Path, panels: list[tuple]) -> None:
+def _grid_figure(path: Path, panels: list[tuple], heat_label: str = "|x - x'|", heat_max: float = HEAT_MAX) -> None:
     plt = _plt()
     n_cols = sum(len(p[1]) for p in panels)
     fig = plt.figure(figsize=(1.05 * n_cols + 0.4 * len(panels), 3.9))
@@ -612,12 +613,12 @@ def _grid_figure(path: Path, panels: list[tuple]) -> None:
             recon_u8 = np.clip((recons[c].astype(np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
             axes[0, c].imshow(images[c], cmap="gray", vmin=0, vmax=255)
             axes[1, c].imshow(recon_u8, cmap="gray", vmin=0, vmax=255)
-            axes[2, c].imshow(heats[c].astype(np.float32), cmap="inferno", vmin=0, vmax=HEAT_MAX)
+            axes[2, c].imshow(heats[c].astype(np.float32), cmap="inferno", vmin=0, vmax=heat_max)
             axes[0, c].set_title((f"{_short_tag(tags[c])}\n" if _short_tag(tags[c]) else "") + f"{scores[c]:.2f}", fontsize=7)
             for r in range(3):
                 axes[r, c].set_xticks([])
                 axes[r, c].set_yticks([])
-        for r, name in enumerate(("input", "reconstruction", "|x - x'|")):
+        for r, name in enumerate(("input", "reconstruction", heat_label)):
             axes[r, 0].set_ylabel(name, fontsize=7)
     _save_fig(fig, path)
 

@@ -79,6 +79,16 @@ def feature_vector(cfg_features: str, z: torch.Tensor, feats_u: list[torch.Tenso
     return z_rec.float()
 
 
+# How heat maps are drawn: (what the map is, value shown at full colour). A residual of 0.5 is a quarter of the
+# image range; an sdist cell share of 8 is about 8x what an average cell of a training normal contributes.
+HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 8.0)}
+
+
+def heatmap_kind(cfg) -> str:
+    """Which map `compute_components` returns as the heat map for this config's score."""
+    return "sdist" if "sdist" in (AUTO_TERMS if cfg.score_terms == "auto" else cfg.score_terms.split("+")) else "residual"
+
+
 def sdist_grid(first_map: torch.Tensor, side: int) -> torch.Tensor:
     """U's first feature map (B, C, h, w) average-pooled to (B, C, side, side): a coarse map of what is where."""
     k = first_map.shape[-1] // side
@@ -111,15 +121,23 @@ def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | 
     # lesion a few pixels wide still moves the cell it sits in (fdist's global vectors average it away).
     grid = sdist_grid(feats_u[0], sdist_shape(net.cfg)[2])
     g = torch.einsum("bchw,cp->bphw", grid - stats.sd_chan_mean.float()[None, :, None, None], stats.sd_proj.float())
-    w = (g.flatten(1) - stats.sd_mean.float()) @ stats.sd_whiten.float()  # (B, P·side²)
+    d = g.flatten(1) - stats.sd_mean.float()  # (B, G), G = P·side²
+    w = d @ stats.sd_whiten.float()
     out["sdist"] = w.pow(2).mean(dim=1)
+    # Each cell's share of the distance: d_i·(Σ⁻¹d)_i sums to dᵀΣ⁻¹d over i; per cell, divided by P, so that the
+    # map's mean is the sdist term. This is where the image left the normals' distribution.
+    kept, side = stats.sd_proj.shape[1], g.shape[-1]
+    cells = (d * (w @ stats.sd_whiten.float().T)).view(-1, kept, side, side).sum(dim=1) / kept  # (B, side, side)
     weights = component_weights(net)
     if not weights:
         raise ValueError(f"score terms {net.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
     center, scale = stats.center.float(), stats.scale.float()
     index = {k: i for i, k in enumerate(COMPONENTS)}
     out["score"] = sum(weights[k] * (out[k] - center[index[k]]) / scale[index[k]] for k in weights)
-    out["heatmap"] = resid[:, 0]  # (B, H, W), same units as the rec component
+    if "sdist" in weights:  # the heat map shows what the score measures: sdist's cells, smoothly enlarged
+        out["heatmap"] = F.interpolate(cells[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    else:
+        out["heatmap"] = resid[:, 0]  # (B, H, W), same units as the rec component
     out["reconstruction"] = x_rec[:, 0]
     return out
 

@@ -16,18 +16,18 @@ from .io_utils import atomic_path  # noqa: E402
 HEAT_MAX = 0.5  # residual (in [-1,1] units) shown at full colour; larger residuals saturate
 
 
-def overlay(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Grey image with the residual heat map blended on top as colour: uint8 (H, W, 3)."""
+def overlay(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.5, heat_max: float = HEAT_MAX) -> np.ndarray:
+    """Grey image with the heat map blended on top as colour (full colour at `heat_max`): uint8 (H, W, 3)."""
     grey = np.repeat(image_u8[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    h = np.clip(heat / HEAT_MAX, 0, 1)
+    h = np.clip(heat / heat_max, 0, 1)
     colour = colormaps["inferno"](h)[..., :3]
     a = alpha * h[..., None]  # transparent where the residual is small, so the anatomy stays readable
     return np.clip(np.rint(255 * ((1 - a) * grey + a * colour)), 0, 255).astype(np.uint8)
 
 
-def save_overlay(path: str | Path, image_u8: np.ndarray, heat: np.ndarray, upscale: int = 4) -> None:
+def save_overlay(path: str | Path, image_u8: np.ndarray, heat: np.ndarray, upscale: int = 4, heat_max: float = HEAT_MAX) -> None:
     """PNG of the image with its heat map, enlarged (nearest) so 64 px maps are visible."""
-    rgb = overlay(image_u8, heat)
+    rgb = overlay(image_u8, heat, heat_max=heat_max)
     im = Image.fromarray(rgb)
     if upscale > 1:
         im = im.resize((rgb.shape[1] * upscale, rgb.shape[0] * upscale), Image.Resampling.NEAREST)
@@ -58,10 +58,11 @@ def roc_figure(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
     _save_fig(fig, path)
 
 
-def examples_figure(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]], title: str = "") -> None:
+def examples_figure(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]], title: str = "",
+                    heat_label: str = "|x - x'|", heat_max: float = HEAT_MAX) -> None:
     """A grid, one row per example: (label, image uint8, reconstruction in [-1,1], heat map, score).
 
-    Columns: input, reconstruction, |x - x'| heat map, heat map over the input.
+    Columns: input, reconstruction, heat map (`heat_label`, full colour at `heat_max`), heat map over the input.
     """
     import matplotlib.pyplot as plt
 
@@ -69,14 +70,14 @@ def examples_figure(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarr
     fig, axes = plt.subplots(n, 4, figsize=(7.2, 1.85 * n), squeeze=False)
     for r, (label, image, recon, heat, score) in enumerate(rows):
         recon_u8 = np.clip((recon.astype(np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
-        panels = [(image, "gray", None), (recon_u8, "gray", None), (heat.astype(np.float32), "inferno", HEAT_MAX), (overlay(image, heat.astype(np.float32)), None, None)]
+        panels = [(image, "gray", None), (recon_u8, "gray", None), (heat.astype(np.float32), "inferno", heat_max), (overlay(image, heat.astype(np.float32), heat_max=heat_max), None, None)]
         for c, (img, cmap, vmax) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img, cmap=cmap, vmin=0, vmax=vmax if vmax else (255 if cmap == "gray" else None))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(("input", "reconstruction", "|x - x'|", "overlay")[c], fontsize=9)
+                ax.set_title(("input", "reconstruction", heat_label, "overlay")[c], fontsize=9)
         axes[r, 0].set_ylabel(f"{label}\nscore {score:.2f}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -24,7 +24,7 @@ from .errors import ConfigError, DataError, ImageError
 from .evaluate import auc, compute_metrics
 from .io_utils import write_csv, write_json, write_text
 from .nets import OneClassGAN, new_score_stats
-from .scoring import COMPONENTS, Calibration, fit_calibration, fit_score_stats, needs_stats, score_images, select_score_terms
+from .scoring import COMPONENTS, HEATMAP_DISPLAY, Calibration, heatmap_kind, fit_calibration, fit_score_stats, needs_stats, score_images, select_score_terms
 from .train import fit
 from .viz import save_overlay
 
@@ -234,12 +234,14 @@ def score_paths(run_dir: str | Path, paths: list[str | Path], heatmap_dir: str |
 
         onnx_scorer = OnnxScorer(run_dir)
         size, calibration = onnx_scorer.image_size, onnx_scorer.calibration
+        heat_kind = onnx_scorer.heatmap_kind
 
         def score(arr: np.ndarray) -> dict[str, np.ndarray]:
             return onnx_scorer.score(arr, batch_size, keep_maps=keep_maps)
     else:
         model, calibration, _ = load_run(run_dir)
         size = model.cfg.image_size
+        heat_kind = heatmap_kind(model.cfg)
 
         def score(arr: np.ndarray) -> dict[str, np.ndarray]:
             return score_images(model, arr, batch_size, keep_maps=keep_maps)
@@ -277,5 +279,5 @@ def score_paths(run_dir: str | Path, paths: list[str | Path], heatmap_dir: str |
                     if name in used_names:  # same stem in two folders: keep both
                         name = f"{p.parent.name}_{p.stem}_{len(used_names)}_heatmap.png"
                     used_names.add(name)
-                    save_overlay(Path(heatmap_dir) / name, arr[i], scored["heatmap"][i].astype(np.float32))
+                    save_overlay(Path(heatmap_dir) / name, arr[i], scored["heatmap"][i].astype(np.float32), heat_max=HEATMAP_DISPLAY[heat_kind][1])
     return results, errors
