@@ -80,8 +80,9 @@ def feature_vector(cfg_features: str, z: torch.Tensor, feats_u: list[torch.Tenso
 
 
 # How heat maps are drawn: (what the map is, value shown at full colour). A residual of 0.5 is a quarter of the
-# image range; an sdist cell share of 8 is about 8x what an average cell of a training normal contributes.
-HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 8.0)}
+# image range; an sdist cell share of 20 is about 20x an average cell of a training normal (a normal film's
+# hottest cell is typically 5-15).
+HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 20.0)}
 
 
 def heatmap_kind(cfg) -> str:
