@@ -116,7 +116,7 @@ def test_cli_report_errors(tmp_path, capsys):
 
 def test_single_run_report(tmp_path):
     run = tmp_path / "run"
-    train_run(_tiny(), DATA, run, progress=False)
+    train_run(resolve("best", **{**_tiny().to_dict(), "score_terms": "auto", "score_norm": "standardised", "fdist_features": "ez"}), DATA, run, progress=False)
     partial = write_report(run).read_text(encoding="utf-8")  # not evaluated yet: notes, no failure
     assert "cxr-oneclass evaluate" in partial and '<section id="training">' in partial
     evaluate_run(run)
@@ -127,6 +127,8 @@ def test_single_run_report(tmp_path):
     assert html.count("data:image/png;base64,") == 4
     assert "validation AUC" in html and "stored threshold" in html and "<td>nodule</td>" in html
     assert TEST_AUC_LABEL not in html  # a plain run logs no test AUC per epoch
+    doc = json.loads((run / "config.json").read_text())
+    assert f"{doc['score_selection']['chosen']}, chosen on validation" in html  # best preset: says what validation chose
     md = (run / "report.md").read_text(encoding="utf-8")
     assert all((run / l).is_file() for l in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
 

@@ -285,6 +285,12 @@ def _summary_section(src: Source) -> Section:
             for k, v in (first.metrics.get("component_auc") or {}).items():
                 rows.append([f"{first.metrics.get('split', 'test')} AUC of {k}", _fmt(v)])
             rows.append(["evaluated images", f"{first.metrics.get('n_normal')} normal + {first.metrics.get('n_abnormal')} abnormal"])
+        sel = first.doc.get("score_selection")
+        if sel and sel.get("val_auc_by_terms"):
+            cands = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel["val_auc_by_terms"].items(), key=lambda kv: -(kv[1] or 0)))
+            rows.append(["score terms", f"{sel['chosen']}, chosen on validation (auto; validation AUC of each candidate: {cands})"])
+        elif base.get("score_terms"):
+            rows.append(["score terms", f"{base['score_terms']} ({base.get('score_norm', 'weights')})"])
         if cal:
             rows.append(["stored threshold", f"{_fmt(cal.get('threshold'))} ({cal.get('rule', '')})"])
         if first.doc.get("train_seconds") is not None:
@@ -542,7 +548,7 @@ def _pick(n: int, k: int = N_EXAMPLES) -> np.ndarray:
 
 
 def _examples_section(src: Source, figdir: Path) -> Section:
-    s = Section("reconstructions", "Reconstructions and residual heat maps")
+    s = Section("reconstructions", "Reconstructions and heat maps")
     full = [r for r in src.runs if r.method == "full"]
     run = full[0] if full else src.by_method(src.methods[-1])[0]
     try:
