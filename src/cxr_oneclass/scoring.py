@@ -40,12 +40,17 @@ def model_components(model: OneClassGAN) -> list[str]:
     return [k for k in COMPONENTS if has_component(model, k)]
 
 
+def score_term_names(cfg) -> set[str]:
+    """The terms `cfg.score_terms` names; "auto", before its choice on validation (select_score_terms), names
+    every candidate."""
+    return set(AUTO_TERMS if cfg.score_terms == "auto" else cfg.score_terms.split("+"))
+
+
 def component_weights(model: OneClassGAN) -> dict[str, float]:
     """Weights of the score terms that the variant has and the config scores with (`score_terms`): the paper's
-    λ for rec/adv/enc (1 for ssim/fdist) under `weights`; 1 for every term under `standardised`."""
+    λ for rec/adv/enc (1 for ssim/fdist/sdist) under `weights`; 1 for every term under `standardised`."""
     cfg = model.cfg
-    # "auto" before its choice on validation (scoring.select_score_terms) sums every candidate
-    chosen = set(AUTO_TERMS if cfg.score_terms == "auto" else cfg.score_terms.split("+"))
+    chosen = score_term_names(cfg)
     lam = {"rec": cfg.w_rec, "adv": cfg.w_adv, "enc": cfg.w_enc, "ssim": 1.0, "fdist": 1.0, "sdist": 1.0}
     if cfg.score_norm == "standardised":
         lam = dict.fromkeys(lam, 1.0)
@@ -87,7 +92,7 @@ HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 
 
 def heatmap_kind(cfg) -> str:
     """Which map `compute_components` returns as the heat map for this config's score."""
-    return "sdist" if "sdist" in (AUTO_TERMS if cfg.score_terms == "auto" else cfg.score_terms.split("+")) else "residual"
+    return "sdist" if "sdist" in score_term_names(cfg) else "residual"
 
 
 def sdist_grid(first_map: torch.Tensor, side: int) -> torch.Tensor:
@@ -206,7 +211,7 @@ def score_images(
 
 def needs_stats(cfg) -> bool:
     """Whether the score uses fitted statistics (an fdist or sdist term, or standardised terms)."""
-    return cfg.score_norm == "standardised" or bool({"fdist", "sdist"} & set(cfg.score_terms.split("+")))
+    return cfg.score_norm == "standardised" or bool({"fdist", "sdist"} & score_term_names(cfg))
 
 
 def _gaussian(f: np.ndarray, what: str) -> tuple[np.ndarray, torch.Tensor]:
