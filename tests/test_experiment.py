@@ -13,9 +13,15 @@ BASE = dict(image_size=32, width=8, batch_size=16, epochs=1, num_threads=2)
 
 def test_tiny_experiment_writes_results_and_resumes(tmp_path):
     plan = ExperimentPlan(DATA, tmp_path / "x", ["u", "full"], 2, resolve("paper", **BASE))
-    calls = []
-    rows = run_experiment(plan, progress=False, on_run=lambda m, r, row: calls.append((m, r, row is None)))
+    calls, so_far = [], []
+
+    def on_run(m, r, row):
+        calls.append((m, r, row is None))
+        so_far.append(len(json.loads((tmp_path / "x" / "results.json").read_text())["runs"]))
+
+    rows = run_experiment(plan, progress=False, on_run=on_run)
     assert [(r["method"], r["seed"]) for r in rows] == [("u", 0), ("u", 1), ("full", 0), ("full", 1)]
+    assert so_far == [1, 2, 3, 4]  # results files are rewritten after every finished run
     assert all(skipped is False for *_, skipped in calls)
     for name in ("results.md", "results.csv", "results.json"):
         assert (tmp_path / "x" / name).is_file()

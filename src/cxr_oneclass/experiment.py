@@ -85,9 +85,10 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
                 "epochs": cfg.epochs,
             }
             write_json(done, {"row": row, "metrics": metrics})  # last: its presence marks the run finished
+            rows.append(row)
+            write_results(plan, rows)  # results so far, so that a long experiment can be read while it runs
             if on_run:
                 on_run(method, r, row)
-            rows.append(row)
     write_results(plan, rows)
     return rows
 
