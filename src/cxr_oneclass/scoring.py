@@ -130,17 +130,17 @@ def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | 
     d = g.flatten(1) - stats.sd_mean.float()  # (B, G), G = P·side²
     w = d @ stats.sd_whiten.float()
     out["sdist"] = w.pow(2).mean(dim=1)
-    # Each cell's share of the distance: d_i·(Σ⁻¹d)_i sums to dᵀΣ⁻¹d over i; per cell, divided by P, so that the
-    # map's mean is the sdist term. This is where the image left the normals' distribution.
-    kept, side = stats.sd_proj.shape[1], g.shape[-1]
-    cells = (d * (w @ stats.sd_whiten.float().T)).view(-1, kept, side, side).sum(dim=1) / kept  # (B, side, side)
     weights = component_weights(net)
     if not weights:
         raise ValueError(f"score terms {net.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
     center, scale = stats.center.float(), stats.scale.float()
     index = {k: i for i, k in enumerate(COMPONENTS)}
     out["score"] = sum(weights[k] * (out[k] - center[index[k]]) / scale[index[k]] for k in weights)
-    if "sdist" in weights:  # the heat map shows what the score measures: sdist's cells, smoothly enlarged
+    if heatmap_kind(net.cfg) == "sdist":  # the heat map shows what the score measures: sdist's cells, enlarged
+        # Each cell's share of the distance: d_i·(Σ⁻¹d)_i sums to dᵀΣ⁻¹d over i; per cell, divided by P, so that
+        # the map's mean is the sdist term. This is where the image left the normals' distribution.
+        kept, side = stats.sd_proj.shape[1], g.shape[-1]
+        cells = (d * (w @ stats.sd_whiten.float().T)).view(-1, kept, side, side).sum(dim=1) / kept  # (B, side, side)
         out["heatmap"] = F.interpolate(cells[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     else:
         out["heatmap"] = resid[:, 0]  # (B, H, W), same units as the rec component

@@ -58,15 +58,15 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
     train_normals = train.images[train.labels == 0]
     val_normals = val.images[val.labels == 0] if val is not None else None
     so_far: list[dict] = []
+    val_has_both = val is not None and bool(val.n_abnormal and val.n_normal)
 
     def on_epoch_end(model: OneClassGAN, row: dict) -> None:
         # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
-        if needs_stats(cfg) and ((val is not None and val.n_abnormal and val.n_normal) or monitor):
+        if needs_stats(cfg) and (val_has_both or monitor):
             # A subset of the training normals is enough for a per-epoch reading and keeps monitoring cheap; the
             # statistics saved with the model are fitted on all of them after training.
             fit_score_stats(model, train_normals, val_normals, cfg.batch_size, max_fit=512)
-        has_val = val is not None and val.n_abnormal and val.n_normal
-        if has_val:
+        if val_has_both:
             comps = score_images(model, val.images, cfg.batch_size)
             row["val_auc"] = auc(val.labels, comps["score"])
             if cfg.score_terms == "auto":  # the choice the end of training would make now, for the record
