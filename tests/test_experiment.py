@@ -66,3 +66,20 @@ def test_experiment_cli(tmp_path, capsys):
     assert "test AUC" in capsys.readouterr().out
     assert main(args) == 0
     assert "finished earlier" in capsys.readouterr().out
+
+
+def test_sharded_repeats_are_collected_without_training(tmp_path, capsys):
+    """Repeats sharded over processes (--seed K --repeats N) land in one layout; --collect gathers them and
+    trains nothing, leaving unfinished runs out."""
+    out = tmp_path / "s"
+    common = ["-q", "experiment", "--data", DATA, "--out", str(out), "--variants", "u", "--image-size", "32", "--width", "8",
+              "--batch-size", "16", "--epochs", "1"]
+    assert main([*common, "--seed", "0", "--repeats", "1"]) == 0
+    assert main([*common, "--seed", "1", "--repeats", "1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--seed", "0", "--repeats", "3", "--collect"]) == 0
+    assert "collected 2 finished run(s) of 3" in capsys.readouterr().out
+    assert not (out / "runs" / "u" / "seed2").exists()  # nothing was trained for the missing repeat
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+    assert json.loads((out / "experiment.json").read_text())["repeats"] == 3

@@ -155,7 +155,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         else:
             print(f"{method} repeat {repeat + 1}/{args.repeats}: test AUC {row['auc']:.4f} ({row['train_seconds']:.0f} s)")
 
-    run_experiment(plan, progress=not args.quiet, on_run=on_run)
+    rows = run_experiment(plan, progress=not args.quiet, on_run=on_run, collect_only=args.collect)
+    if args.collect:
+        print(f"collected {len(rows)} finished run(s) of {len(methods) * args.repeats}")
     print((plan.out / "results.md").read_text())
     print(f"wrote {plan.out / 'results.md'}, results.csv, results.json")
     return 0
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--baselines", default="", help="comma-separated baselines: ae, ganomaly")
     x.add_argument("--repeats", type=int, default=5)
     x.add_argument("--split-seed", type=int, default=0, help="seed of the data split (fixed across repeats)")
+    x.add_argument("--collect", action="store_true", help="train nothing: write the results files from the runs already finished "
+                   "(e.g. after sharding repeats over processes with --seed K --repeats N into the same --out)")
     _add_config_flags(x)
     x.set_defaults(func=cmd_experiment)
 

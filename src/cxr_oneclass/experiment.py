@@ -3,6 +3,8 @@
 Writes DIR/results.{md,csv,json}: AUC mean ± std per method in the layout of the paper's Table 1, the AUC of
 each score component, training time and images/s. Each run lives in DIR/runs/<method>/seed<k>/; a finished run
 (metrics.json present) is skipped when the command is run again, and an interrupted one is started over.
+Repeats can be sharded over processes or machines (`--seed 2 --repeats 3` runs seeds 2..4 into the same
+layout); `collect_only` then gathers the finished runs of the whole plan into one set of results files.
 The test split is scored per epoch for analysis only (`test_auc_not_for_selection` in history.csv); selection,
 normalisation and thresholds use validation data.
 """
@@ -46,8 +48,10 @@ class ExperimentPlan:
         return self.out / "runs" / method / f"seed{self.base.seed + repeat}"
 
 
-def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable[[str, int, dict | None], None] | None = None) -> list[dict]:
-    """Train and evaluate every (method, repeat); returns one row per run and writes the results files."""
+def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable[[str, int, dict | None], None] | None = None,
+                   collect_only: bool = False) -> list[dict]:
+    """Train and evaluate every (method, repeat); returns one row per run and writes the results files.
+    With `collect_only`, trains nothing: the results files hold the runs that are finished, the rest are logged."""
     plan.out.mkdir(parents=True, exist_ok=True)
     write_json(plan.out / "experiment.json", {"data": plan.data, "methods": plan.methods, "repeats": plan.repeats, "base_config": plan.base.to_dict(), "split_seed": plan.split_seed})
     dataset: Dataset | None = None
@@ -63,6 +67,9 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
                 if on_run:
                     on_run(method, r, None)
                 rows.append(row)
+                continue
+            if collect_only:
+                log.warning("%s seed %d: not finished (%s has no metrics.json); left out", method, plan.base.seed + r, run_dir)
                 continue
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a run interrupted before its metrics: start it over
