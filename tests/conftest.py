@@ -59,3 +59,13 @@ def shared_data() -> Path:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Keep the decode cache of every test out of the user's ~/.cache."""
     monkeypatch.setenv("CXR_ONECLASS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """Tests run as on a CPU machine (the CI's) even where a GPU is present: device 'auto' resolves to the CPU,
+    so seeded runs are bit-repeatable and CPU references compare exactly. Tests marked `cuda` see the GPU."""
+    if request.node.get_closest_marker("cuda") is None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .config import AUTO_TERMS, SCORE_TERMS
 from .nets import OneClassGAN, fold_batchnorm, sdist_shape
-from .runtime import to_model_range, warn_if_bf16_is_emulated
+from .runtime import exact_fp32, to_model_range, warn_if_bf16_is_emulated
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def score_tensor(model: OneClassGAN, x: torch.Tensor, precision: str = "fp32") -
     net = inference_model(model, precision)
     x = x.float()
     x_net = x.to(dtype=torch.bfloat16 if precision == "bf16" else torch.float32, memory_format=torch.channels_last)
-    return compute_components(net, x, x_net)
+    with exact_fp32():  # the same scores on a GPU as on a CPU (see runtime.exact_fp32)
+        return compute_components(net, x, x_net)
 
 
 # Eval-only copies for scoring, one per (model, precision), rebuilt when the model's weights or statistics change
@@ -239,6 +240,20 @@ def _gaussian(f: np.ndarray, what: str) -> tuple[np.ndarray, torch.Tensor]:
     return location, whiten
 
 
+def _fit_features(net: OneClassGAN, fdist_features: str, images: np.ndarray, batch_size: int, device: torch.device,
+                  side: int) -> tuple[np.ndarray, np.ndarray]:
+    """fdist feature vectors (N, F) and sdist grids (N, C, side, side) of uint8 images, float64 on the host."""
+    feats, grids = [], []
+    with exact_fp32():  # the features that scoring computes, on any device
+        for s in range(0, len(images), batch_size):
+            x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))).to(device)
+            x_rec, z, feats_u = net.U(x.contiguous(memory_format=torch.channels_last))
+            z_rec = net.E(x_rec)[0] if net.E is not None else None
+            feats.append(feature_vector(fdist_features, z, feats_u, z_rec).double().cpu().numpy())
+            grids.append(sdist_grid(feats_u[0], side).double().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(grids)
+
+
 @torch.no_grad()
 def fit_score_stats(
     model: OneClassGAN,
@@ -265,24 +280,17 @@ def fit_score_stats(
     net = inference_model(model)
     device = next(model.parameters()).device
     side = sdist_shape(model.cfg)[2]
-    feats, grids = [], []
-    for s in range(0, len(pick), batch_size):
-        x = to_model_range(torch.from_numpy(np.ascontiguousarray(train_normals[pick[s : s + batch_size]]))).to(device)
-        x_rec, z, feats_u = net.U(x.contiguous(memory_format=torch.channels_last))
-        z_rec = net.E(x_rec)[0] if net.E is not None else None
-        feats.append(feature_vector(model.cfg.fdist_features, z, feats_u, z_rec).double().cpu().numpy())
-        grids.append(sdist_grid(feats_u[0], side).double().cpu().numpy())
-    location, whiten = _gaussian(np.concatenate(feats), "fdist")
+    feats, grids = _fit_features(net, model.cfg.fdist_features, train_normals[pick], batch_size, device, side)
+    location, whiten = _gaussian(feats, "fdist")
     stats.feat_mean.copy_(torch.from_numpy(location))
     stats.feat_whiten.copy_(whiten)
     # sdist: principal channel directions of the pooled first map over every cell of every image, then a
     # Gaussian over the projected grid as one vector (where a structure sits matters, as on a film).
-    g = np.concatenate(grids)  # (N, C, side, side)
-    cells = g.transpose(0, 2, 3, 1).reshape(-1, g.shape[1])
+    cells = grids.transpose(0, 2, 3, 1).reshape(-1, grids.shape[1])  # grids: (N, C, side, side)
     chan_mean = cells.mean(axis=0)
     _, _, vt = np.linalg.svd(cells - chan_mean, full_matrices=False)
     proj = vt[: stats.sd_proj.shape[1]].T  # (C, P)
-    projected = np.einsum("nchw,cp->nphw", g - chan_mean[None, :, None, None], proj).reshape(len(g), -1)
+    projected = np.einsum("nchw,cp->nphw", grids - chan_mean[None, :, None, None], proj).reshape(len(grids), -1)
     location, whiten = _gaussian(projected, "sdist")
     stats.sd_chan_mean.copy_(torch.from_numpy(chan_mean))
     stats.sd_proj.copy_(torch.from_numpy(np.ascontiguousarray(proj)))
