@@ -83,3 +83,14 @@ def test_sharded_repeats_are_collected_without_training(tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())["runs"]
     assert sorted(r["seed"] for r in rows) == [0, 1]
     assert json.loads((out / "experiment.json").read_text())["repeats"] == 3
+
+
+def test_quiet_experiment_prints_no_progress_bars(tmp_path, capsys):
+    """-q silences every bar, also the test split's scoring bar that large splits (> 500 images) get."""
+    big = "phantom:n_train=32,n_val_normal=8,n_val_abnormal=10,n_test_normal=260,n_test_abnormal=260"
+    args = ["-q", "experiment", "--data", big, "--out", str(tmp_path / "q"), "--variants", "u", "--repeats", "1",
+            "--image-size", "32", "--width", "8", "--batch-size", "16", "--epochs", "1"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "test AUC" in out
+    assert "scoring" not in err and "batch/s" not in err

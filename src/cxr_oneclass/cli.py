@@ -72,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .workflow import evaluate_run
 
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
-    m = evaluate_run(args.run, args.data, args.split, out)
+    m = evaluate_run(args.run, args.data, args.split, out, progress=not args.quiet)
     auc = m["auc"]
     print(f"{args.split}: {m['n_normal']} normal + {m['n_abnormal']} abnormal")
     print(f"AUC {auc:.4f}" if auc is not None else "AUC undefined (only one class present)")

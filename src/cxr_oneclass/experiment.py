@@ -79,7 +79,7 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
             cfg = method_config(method, Config.from_dict({**cfg0.to_dict(), "seed": plan.base.seed + r}))
             monitor = {MONITOR_NAME: dataset["test"]} if "test" in dataset.splits else None
             outcome = train_run(cfg, dataset, run_dir / "model", progress=progress, monitor=monitor)
-            metrics = evaluate_run(run_dir / "model", dataset, "test", run_dir / "eval")
+            metrics = evaluate_run(run_dir / "model", dataset, "test", run_dir / "eval", progress=progress)
             last = outcome.history[-1]
             row = {
                 "method": method,

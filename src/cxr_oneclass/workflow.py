@@ -164,13 +164,15 @@ def rescore_run(run_dir: str | Path, out_dir: str | Path, data: str | Dataset | 
     return TrainOutcome(out_dir, model, calibration, [], ds, time.perf_counter() - t0, val_auc, extra)
 
 
-def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
-    scored = score_images(model, images.images, batch_size, keep_maps=keep_maps, progress=len(images) > 500)
+def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False,
+              progress: bool = True) -> dict[str, np.ndarray]:
+    scored = score_images(model, images.images, batch_size, keep_maps=keep_maps, progress=progress and len(images) > 500)
     scored["normalised"] = calibration.normalise(scored["score"]) if calibration else scored["score"]
     return scored
 
 
-def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "test", out_dir: str | Path | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "test", out_dir: str | Path | None = None,
+                 progress: bool = True) -> dict:
     """Score a split with a trained run; write metrics.json and scores.csv; return the metrics."""
     model, calibration, doc = load_run(run_dir)
     cfg = model.cfg
@@ -179,7 +181,7 @@ def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: 
         raise DataError("no --data given and the run does not record its data spec")
     ds = spec if isinstance(spec, Dataset) else load_dataset(spec, cfg.image_size, cfg.seed, splits=(split,))
     images = ds[split]
-    scored = score_set(model, calibration, images, cfg.batch_size)
+    scored = score_set(model, calibration, images, cfg.batch_size, progress=progress)
     metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None)
     metrics.update({"split": split, "data": ds.spec, "run": str(run_dir), "version": __version__})
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"eval-{split}"
