@@ -44,13 +44,11 @@ say "experiment: decode the data once into the cache"
 "$PY" -c "from cxr_oneclass.data.sources import load_dataset; print(load_dataset('csv:$DATA/manifest.csv', 64))" 2>&1 | tail -n 3
 E="$W/kermany-paper"
 common=(-q experiment --data "csv:$DATA/manifest.csv" --out "$E" --preset paper --threads 1 --device "$DEVICE" $EXP_FLAGS)
-pids=()
 for m in u u+e u+d full ae ganomaly; do
     case $m in ae | ganomaly) which=(--variants "" --baselines "$m") ;; *) which=(--variants "$m") ;; esac
     for shard in "0 2" "2 3"; do
         read -r seed n <<< "$shard"
         cxr "${common[@]}" "${which[@]}" --seed "$seed" --repeats "$n" > "$W/shard-$m-$seed.log" 2>&1 &
-        pids+=($!)
     done
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ] && [ $(($(date +%s) - T0)) -lt "$DEADLINE_S" ]; do sleep 5; done

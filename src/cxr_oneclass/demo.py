@@ -17,8 +17,8 @@ from .data.phantom import ABNORMALITIES, PhantomOptions
 from .data.sources import load_dataset
 from .evaluate import auc, compute_metrics
 from .io_utils import write_csv, write_json
-from .scoring import HEATMAP_DISPLAY, heatmap_kind
-from .viz import examples_figure, roc_figure
+from .scoring import heatmap_kind
+from .viz import HEATMAP_DISPLAY, examples_figure, roc_figure
 from .workflow import score_set, train_run
 
 log = logging.getLogger(__name__)

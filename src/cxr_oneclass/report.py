@@ -28,8 +28,8 @@ from .errors import RunError
 from .evaluate import auc as auc_of
 from .evaluate import operating_point
 from .io_utils import write_text
-from .scoring import COMPONENTS, HEATMAP_DISPLAY, heatmap_kind, threshold_at_sensitivity
-from .viz import HEAT_MAX, _save_fig
+from .scoring import COMPONENTS, heatmap_kind, threshold_at_sensitivity
+from .viz import HEAT_LABEL, HEAT_MAX, HEATMAP_DISPLAY, _save_fig
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,7 @@ def _short_tag(tag: str) -> str:
     return parts[0][:14] + (f" +{len(parts) - 1}" if len(parts) > 1 else "")
 
 
-def _grid_figure(path: Path, panels: list[tuple], heat_label: str = "|x - x'|", heat_max: float = HEAT_MAX) -> None:
+def _grid_figure(path: Path, panels: list[tuple], heat_label: str = HEAT_LABEL, heat_max: float = HEAT_MAX) -> None:
     plt = _plt()
     n_cols = sum(len(p[1]) for p in panels)
     fig = plt.figure(figsize=(1.05 * n_cols + 0.4 * len(panels), 3.9))

@@ -28,6 +28,7 @@ from .runtime import exact_fp32, to_model_range, warn_if_bf16_is_emulated
 log = logging.getLogger(__name__)
 
 COMPONENTS = SCORE_TERMS  # every term a score can use; a model reports those it has
+TERM_INDEX = {k: i for i, k in enumerate(COMPONENTS)}  # a term's slot in ScoreStats.center and .scale
 SSIM_WINDOW = 7  # px at 64 px: about one rib space
 
 
@@ -84,14 +85,9 @@ def feature_vector(cfg_features: str, z: torch.Tensor, feats_u: list[torch.Tenso
     return z_rec.float()
 
 
-# How heat maps are drawn: (what the map is, value shown at full colour). A residual of 0.5 is a quarter of the
-# image range; an sdist cell share of 20 is about 20x an average cell of a training normal (a normal film's
-# hottest cell is typically 5-15).
-HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 20.0)}
-
-
 def heatmap_kind(cfg) -> str:
-    """Which map `compute_components` returns as the heat map for this config's score."""
+    """Which map `compute_components` returns as the heat map for this config's score (viz.HEATMAP_DISPLAY says
+    how each is drawn)."""
     return "sdist" if "sdist" in score_term_names(cfg) else "residual"
 
 
@@ -134,8 +130,7 @@ def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | 
     if not weights:
         raise ValueError(f"score terms {net.cfg.score_terms!r} name none of the variant's components {sorted(out)}")
     center, scale = stats.center.float(), stats.scale.float()
-    index = {k: i for i, k in enumerate(COMPONENTS)}
-    out["score"] = sum(weights[k] * (out[k] - center[index[k]]) / scale[index[k]] for k in weights)
+    out["score"] = sum(weights[k] * (out[k] - center[TERM_INDEX[k]]) / scale[TERM_INDEX[k]] for k in weights)
     if heatmap_kind(net.cfg) == "sdist":  # the heat map shows what the score measures: sdist's cells, enlarged
         # Each cell's share of the distance: d_i·(Σ⁻¹d)_i sums to dᵀΣ⁻¹d over i; per cell, divided by P, so that
         # the map's mean is the sdist term. This is where the image left the normals' distribution.
@@ -319,8 +314,7 @@ def select_score_terms(components: dict[str, np.ndarray], labels: np.ndarray, st
     labels = np.asarray(labels)
     if not (labels == 0).any() or not (labels == 1).any():
         raise ValueError("choosing score terms needs normal and abnormal validation images")
-    index = {k: i for i, k in enumerate(COMPONENTS)}
-    z = {k: (components[k] - float(stats.center[index[k]])) / float(stats.scale[index[k]]) for k in AUTO_TERMS if k in components}
+    z = {k: (components[k] - float(stats.center[TERM_INDEX[k]])) / float(stats.scale[TERM_INDEX[k]]) for k in AUTO_TERMS if k in components}
     table = {}
     for r in range(1, len(z) + 1):
         for combo in combinations(z, r):

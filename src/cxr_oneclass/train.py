@@ -114,7 +114,7 @@ class Trainer:
         x = x.contiguous(memory_format=self.memory_format)
         if cfg.noise_std > 0:
             noise = torch.randn((len(index), 1, *images_u8.shape[1:]), generator=self.noise_gen, device=self.noise_gen.device)[part]
-            x_in = x + cfg.noise_std * noise.to(self.device, non_blocking=True)
+            x_in = x + cfg.noise_std * noise
         else:
             x_in = x
         self.data_seconds += time.perf_counter() - t0

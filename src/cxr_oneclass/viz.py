@@ -13,7 +13,11 @@ from PIL import Image  # noqa: E402
 
 from .io_utils import atomic_path  # noqa: E402
 
-HEAT_MAX = 0.5  # residual (in [-1,1] units) shown at full colour; larger residuals saturate
+# How each kind of heat map (scoring.heatmap_kind) is drawn: (what the map is, value shown at full colour; larger
+# values saturate). A residual of 0.5 is a quarter of the [-1, 1] image range; an sdist cell share of 20 is about
+# 20x an average cell of a training normal (a normal film's hottest cell is typically 5-15).
+HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 20.0)}
+HEAT_LABEL, HEAT_MAX = HEATMAP_DISPLAY["residual"]  # the default: the residual |x - x'|
 
 
 def overlay(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.5, heat_max: float = HEAT_MAX) -> np.ndarray:
@@ -59,7 +63,7 @@ def roc_figure(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
 
 
 def examples_figure(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]], title: str = "",
-                    heat_label: str = "|x - x'|", heat_max: float = HEAT_MAX) -> None:
+                    heat_label: str = HEAT_LABEL, heat_max: float = HEAT_MAX) -> None:
     """A grid, one row per example: (label, image uint8, reconstruction in [-1,1], heat map, score).
 
     Columns: input, reconstruction, heat map (`heat_label`, full colour at `heat_max`), heat map over the input.

@@ -24,9 +24,9 @@ from .errors import ConfigError, DataError, ImageError
 from .evaluate import auc, compute_metrics
 from .io_utils import write_csv, write_json, write_text
 from .nets import OneClassGAN, new_score_stats
-from .scoring import COMPONENTS, HEATMAP_DISPLAY, Calibration, heatmap_kind, fit_calibration, fit_score_stats, needs_stats, score_images, select_score_terms
+from .scoring import COMPONENTS, Calibration, heatmap_kind, fit_calibration, fit_score_stats, needs_stats, score_images, select_score_terms
 from .train import fit
-from .viz import save_overlay
+from .viz import HEATMAP_DISPLAY, save_overlay
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,12 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
             fit_score_stats(model, train_normals, val_normals, cfg.batch_size, max_fit=512)
         if val_has_both:
             comps = score_images(model, val.images, cfg.batch_size)
-            row["val_auc"] = auc(val.labels, comps["score"])
             if cfg.score_terms == "auto":  # the choice the end of training would make now, for the record
                 row["score_terms"], table = select_score_terms(comps, val.labels, model.stats)
                 row["val_auc"] = table[row["score_terms"]]
                 model.cfg = replace(cfg, score_terms=row["score_terms"])
+            else:
+                row["val_auc"] = auc(val.labels, comps["score"])
         for name, images in (monitor or {}).items():
             row[name] = auc(images.labels, score_images(model, images.images, cfg.batch_size)["score"])
         model.cfg = cfg
@@ -124,6 +125,8 @@ def fit_score_and_calibration(model: OneClassGAN, train: ImageSet, val: ImageSet
             selection = {"requested": "auto", "chosen": chosen, "val_auc_by_terms": None}
             log.warning("score terms auto: no validation abnormals to choose on; using %s", chosen)
         model.cfg = replace(cfg, score_terms=chosen)
+        # Scored again through the model, not summed here, so the calibration sees the very float32 scores that
+        # scoring (and the ONNX graph) will produce for the chosen terms.
         scored = score_images(model, calib_set.images, cfg.batch_size)
     calibration = fit_calibration(scored["score"], calib_set.labels)
     return calibration, (auc(calib_set.labels, scored["score"]) if calib_set is val else None), selection
