@@ -1,22 +1,37 @@
-"""Command line: `cxr-oneclass train|evaluate|score|export|demo`. The only module that prints or exits."""
+"""Command line: `cxr-oneclass VERB ...`, one verb per module of `jobs/`. The only module that prints or exits.
+
+Each `cmd_*` parses nothing and decides nothing: it calls its job and prints what came back.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .config import DEFAULT_PRESET, PRESETS, VARIANTS, resolve
 from .errors import CxrError
+from .scoring.terms import TERM_NAMES
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none to show (flags, None, suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override single values of the preset (default None = keep the preset's)."""
     g = p.add_argument_group("model and training (override the preset)")
-    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe to start from: paper (Tang et al., faithful) or best (default: {DEFAULT_PRESET})")
-    g.add_argument("--variant", choices=VARIANTS, help="ablation: which of U, E, D to use (default: full)")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="recipe to start from: paper (Tang et al., faithful) or best")
+    g.add_argument("--variant", choices=VARIANTS, help="ablation: which of U, E, D to use")
     g.add_argument("--epochs", type=int)
     g.add_argument("--steps", type=int, help="optimiser steps; > 0 replaces --epochs")
     g.add_argument("--batch-size", type=int)
@@ -29,9 +44,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--precision", choices=("fp32", "bf16"))
     g.add_argument("--threads", dest="num_threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--score-terms", help="'+'-joined terms of the anomaly score (rec, adv, enc, ssim, fdist, sdist), or auto: the sum of ssim/fdist/sdist that does best on validation (needs --score-norm standardised)")
+    g.add_argument("--score-terms", help=f"'+'-joined terms of the anomaly score ({', '.join(TERM_NAMES)}), or auto: the sum of the auto candidates that does best on validation (needs --score-norm standardised)")
     g.add_argument("--score-norm", choices=("weights", "standardised"), help="paper lambdas, or terms standardised on validation normals")
     g.add_argument("--fdist-features", choices=("u", "z", "ez"), help="features whose distance from the training normals fdist measures")
+    preset = resolve(DEFAULT_PRESET)
+    for action in g._group_actions:
+        if action.dest in CONFIG_FLAGS:
+            action.help = f"{action.help or ''} (default: {getattr(preset, action.dest)} in {DEFAULT_PRESET}; the preset's otherwise)".lstrip()
 
 
 CONFIG_FLAGS = ("variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
@@ -42,9 +61,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
     from .runtime import pick_device
-    from .workflow import train_run
+    from .training import distributed
+    from .jobs.train import train_run
 
     cfg = config_from_args(args)
     # Under torchrun (WORLD_SIZE > 1): data-parallel training; every rank trains, rank 0 writes and prints.
@@ -69,9 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .workflow import evaluate_run
+    from .jobs.evaluate import evaluate_run
 
-    out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}"
+    from .runs import METRICS_FILE, SCORES_FILE, eval_dir
+
+    out = Path(args.out) if args.out else eval_dir(args.run, args.split)
     m = evaluate_run(args.run, args.data, args.split, out, progress=not args.quiet)
     auc = m["auc"]
     print(f"{args.split}: {m['n_normal']} normal + {m['n_abnormal']} abnormal")
@@ -82,12 +103,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     op = m.get("at_threshold")
     if op and op["sensitivity"] is not None and op["specificity"] is not None:
         print(f"at stored threshold: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
-    print(f"wrote {out / 'metrics.json'} and {out / 'scores.csv'}")
+    print(f"wrote {out / METRICS_FILE} and {out / SCORES_FILE}")
     return 0
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    from .workflow import rescore_run
+    from .jobs.rescore import rescore_run
 
     out = rescore_run(args.run, args.out, args.data, score_terms=args.score_terms, score_norm=args.score_norm, fdist_features=args.fdist_features)
     cfg = out.model.cfg
@@ -100,7 +121,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .io_utils import write_csv
-    from .workflow import score_paths
+    from .jobs.score import NOT_SCORED, Scorer, iter_scores
 
     if args.onnx:  # an exported graph: every positional argument is an image or folder
         source, paths = args.onnx, [args.run, *args.paths]
@@ -108,27 +129,35 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise CxrError("no images to score: give RUN then one or more files or folders (or --onnx FILE PATH...)")
     else:
         source, paths = args.run, args.paths
-    results, errors = score_paths(source, paths, heatmap_dir=args.heatmaps)
+    scorer = Scorer(source)
+    columns = ["file", "score", "flag", "raw_score", *scorer.terms, *(["heatmap_file"] if args.heatmaps else []), "error"]
+    out = None if args.csv else csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    if out is not None:
+        out.writeheader()
+    rows, failed = [], []
+    for rec in iter_scores(scorer, paths, heatmap_dir=args.heatmaps):
+        row = rec.row(scorer.terms)
+        rows.append(row)
+        if rec.flag == NOT_SCORED:
+            failed.append(rec)
+        if out is not None:
+            out.writerow(row)
+            sys.stdout.flush()
     if args.csv:
-        rows = [{"file": r.path, "score": f"{r.score:.6f}", "flag": int(r.flagged), **r.components} for r in results]
-        write_csv(args.csv, rows, ["file", "score", "flag", "rec", "adv", "enc"])
-        print(f"wrote {len(results)} scores to {args.csv}")
-    else:
-        print("file,score,flag")
-        for r in results:
-            print(f"{r.path},{r.score:.6f},{'abnormal' if r.flagged else 'normal'}")
-    if errors:
-        print(f"{len(errors)} of {len(results) + len(errors)} inputs could not be scored:", file=sys.stderr)
-        for e in errors:
-            print(f"  {e}", file=sys.stderr)
+        write_csv(args.csv, rows, columns)
+        print(f"wrote {len(rows) - len(failed)} scores to {args.csv}")
+    if failed:
+        print(f"{len(failed)} of {len(rows)} inputs could not be scored (flag {NOT_SCORED}):", file=sys.stderr)
+        for rec in failed:
+            print(f"  {rec.source}: {rec.error}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .jobs.export import export_run
 
-    info = export_run(args.run, args.onnx, opset=args.opset, verify=not args.no_verify)
+    info = export_run(args.run, args.out, opset=args.opset, verify=not args.no_verify)
     print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB): input uint8 (B,1,H,W); outputs score, components, heatmap")
     if info["max_rel_diff"] is not None:
         print(f"onnxruntime vs PyTorch scores: max relative difference {info['max_rel_diff']:.1e}")
@@ -136,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet, preset=args.preset)
     print(summary)
@@ -144,7 +173,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import ExperimentPlan, run_experiment
+    from .jobs.experiment import ExperimentPlan, run_experiment
+    from .runs import RESULTS_FILES
 
     methods = [m.strip() for m in (args.variants.split(",") + (args.baselines.split(",") if args.baselines else [])) if m.strip()]
     plan = ExperimentPlan(args.data, Path(args.out), methods, args.repeats, config_from_args(args), args.split_seed)
@@ -158,13 +188,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     rows = run_experiment(plan, progress=not args.quiet, on_run=on_run, collect_only=args.collect)
     if args.collect:
         print(f"collected {len(rows)} finished run(s) of {len(methods) * args.repeats}")
-    print((plan.out / "results.md").read_text())
-    print(f"wrote {plan.out / 'results.md'}, results.csv, results.json")
+    print((plan.out / RESULTS_FILES[0]).read_text(encoding="utf-8"))
+    print(f"wrote {', '.join(str(plan.out / f) for f in RESULTS_FILES)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .jobs.report import write_report
 
     html_path = write_report(args.path, args.out)
     print(f"wrote {html_path} (self-contained) and {html_path.with_name('report.md')} (+ report_figures/)")
@@ -172,26 +202,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cxr-oneclass", description="One-class abnormal chest X-ray detection (Tang et al., ISBI 2019).")
+    p = argparse.ArgumentParser(prog="cxr-oneclass", description="One-class abnormal chest X-ray detection (Tang et al., ISBI 2019).",
+                                formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"cxr-oneclass {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # The same two flags after the verb (`cxr-oneclass train -q ...`); SUPPRESS keeps an absent one from
+    # overwriting the value given before the verb.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train on normal images; calibrate on validation")
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter)
+
+    t = verb("train", "train on normal images; calibrate on validation")
     t.add_argument("--data", required=True, help="csv:MANIFEST, folder:PATH, nih:PATH, rsna:PATH or phantom[:OPTIONS] (see README)")
     t.add_argument("--out", required=True, help="run folder to write")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="AUC and operating points of a run on a labelled split")
+    e = verb("evaluate", "AUC and operating points of a run on a labelled split")
     e.add_argument("run")
     e.add_argument("--data", help="data spec (default: the one the run was trained on)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--out", help="folder for metrics.json and scores.csv (default RUN/eval-SPLIT)")
     e.set_defaults(func=cmd_evaluate)
 
-    rs = sub.add_parser("rescore", help="copy a trained run with another anomaly score (no retraining)")
+    rs = verb("rescore", "copy a trained run with another anomaly score (no retraining)")
     rs.add_argument("run")
     rs.add_argument("--out", required=True, help="run folder to write")
     rs.add_argument("--data", help="data spec (default: the one the run was trained on)")
@@ -200,15 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--fdist-features", choices=("u", "z", "ez"))
     rs.set_defaults(func=cmd_rescore)
 
-    s = sub.add_parser("score", help="score image files or folders")
+    s = verb("score", "score image files or folders")
     s.add_argument("run", metavar="RUN", help="run folder (with --onnx: the first PATH)")
     s.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders")
     s.add_argument("--onnx", metavar="FILE", help="score with an exported .onnx graph instead of a run folder")
-    s.add_argument("--csv", help="write scores here instead of printing")
-    s.add_argument("--heatmaps", help="folder for residual heat-map overlays")
+    s.add_argument("--csv", metavar="FILE", help="write the scores here (CSV) instead of printing them")
+    s.add_argument("--heatmaps", metavar="DIR", help="folder for heat-map overlays (one PNG per image; the CSV names each)")
     s.set_defaults(func=cmd_score)
 
-    x = sub.add_parser("experiment", help="every variant and baseline x repeats on one split; Table-1-style results")
+    x = verb("experiment", "every variant and baseline x repeats on one split; Table-1-style results")
     x.add_argument("--data", required=True)
     x.add_argument("--out", required=True)
     x.add_argument("--variants", default="u,u+e,u+d,full", help="comma-separated ablation variants")
@@ -220,23 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(x)
     x.set_defaults(func=cmd_experiment)
 
-    r = sub.add_parser("report", help="HTML + Markdown report of a run or an experiment folder")
+    r = verb("report", "HTML + Markdown report of a run or an experiment folder")
     r.add_argument("path", metavar="PATH", help="a run folder or an experiment folder")
     r.add_argument("--out", help="folder for report.html, report.md and report_figures/ (default: PATH)")
     r.set_defaults(func=cmd_report)
 
-    o = sub.add_parser("export", help="export a run's scoring graph to ONNX")
+    o = verb("export", "export a run's scoring graph to ONNX")
     o.add_argument("run")
-    o.add_argument("--onnx", required=True, metavar="OUT", help=".onnx file to write")
+    o.add_argument("--out", "--onnx", dest="out", required=True, metavar="FILE", help=".onnx file to write (--onnx: its old name)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
     o.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="the whole job on generated phantom radiographs")
+    d = verb("demo", "the whole job on generated phantom radiographs")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"recipe (default: {DEFAULT_PRESET})")
+    d.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="recipe")
     d.set_defaults(func=cmd_demo)
     return p
 

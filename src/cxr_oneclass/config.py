@@ -11,15 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
+from .model.geometry import n_down_layers
+from .scoring.terms import AUTO_TERMS, TERM_NAMES
 
 VARIANTS = ("u", "u+e", "u+d", "full")
-# Score terms: the paper's rec, adv, enc; ssim = 1 - SSIM(x, x'); fdist = Mahalanobis distance of the image's
-# features from those of the training normals; sdist = the same for U's first feature map, kept as a coarse
-# spatial grid so that a small lesion still moves it (see scoring.py).
-SCORE_TERMS = ("rec", "adv", "enc", "ssim", "fdist", "sdist")
-# score_terms "auto": the combination of these terms (standardised) with the highest validation AUC; each data set
-# gets its own, chosen on its validation split after training (scoring.select_score_terms).
-AUTO_TERMS = ("ssim", "fdist", "sdist")
 
 
 @dataclass
@@ -39,7 +34,7 @@ class Config:
     w_enc: float = 8.0
     w_feat: float = 1.0
     adv_loss: str = "bce"  # bce: eq. 2 for U; feature: L2 between D's deepest features on x and x' (GANomaly)
-    score_terms: str = "rec+adv+enc"  # '+'-joined terms of A(x) among SCORE_TERMS (those the variant has), or auto
+    score_terms: str = "rec+adv+enc"  # '+'-joined terms (scoring/terms.py) of those the variant has, or auto
     # weights: A = w_rec·rec + w_adv·adv + w_enc·enc (+ 1·ssim + 1·fdist), as the paper.
     # standardised: each term centred and scaled on validation normals (median, IQR), then summed with weight 1.
     score_norm: str = "weights"
@@ -78,9 +73,9 @@ class Config:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.adv_loss not in ("bce", "feature"):
             raise ConfigError(f"adv-loss must be bce or feature, got {self.adv_loss!r}")
-        bad = set(self.score_terms.split("+")) - set(SCORE_TERMS)
+        bad = set(self.score_terms.split("+")) - set(TERM_NAMES)
         if self.score_terms != "auto" and (bad or not self.score_terms):
-            raise ConfigError(f"score terms must be auto or '+'-joined {'/'.join(SCORE_TERMS)}, got {self.score_terms!r}")
+            raise ConfigError(f"score terms must be auto or '+'-joined {'/'.join(TERM_NAMES)}, got {self.score_terms!r}")
         if self.score_norm not in ("weights", "standardised"):
             raise ConfigError(f"score-norm must be weights or standardised, got {self.score_norm!r}")
         if self.score_terms == "auto" and self.score_norm != "standardised":
@@ -116,11 +111,6 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**data)
-
-
-def n_down_layers(image_size: int) -> int:
-    """Stride-2 layers that take `image_size` down to 4x4 (4 at 64 px; the 5th layer maps 4x4 to the latent)."""
-    return max(0, image_size.bit_length() - 3)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -189,4 +179,4 @@ def replace(cfg: Config, **changes: Any) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["Config", "DEFAULT_PRESET", "PRESETS", "VARIANTS", "SCORE_TERMS", "AUTO_TERMS", "METHODS", "method_config", "resolve", "replace", "n_down_layers"]
+__all__ = ["Config", "DEFAULT_PRESET", "PRESETS", "VARIANTS", "TERM_NAMES", "AUTO_TERMS", "METHODS", "method_config", "resolve", "replace", "n_down_layers"]

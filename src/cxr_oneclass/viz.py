@@ -12,12 +12,9 @@ from matplotlib import colormaps  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .io_utils import atomic_path  # noqa: E402
+from .scoring.terms import HEATMAP_DISPLAY, RESIDUAL  # noqa: E402
 
-# How each kind of heat map (scoring.heatmap_kind) is drawn: (what the map is, value shown at full colour; larger
-# values saturate). A residual of 0.5 is a quarter of the [-1, 1] image range; an sdist cell share of 20 is about
-# 20x an average cell of a training normal (a normal film's hottest cell is typically 5-15).
-HEATMAP_DISPLAY = {"residual": ("|x - x'|", 0.5), "sdist": ("sdist cell share", 20.0)}
-HEAT_LABEL, HEAT_MAX = HEATMAP_DISPLAY["residual"]  # the default: the residual |x - x'|
+HEAT_LABEL, HEAT_MAX = HEATMAP_DISPLAY[RESIDUAL]  # the default: the residual |x - x'| (see terms.HEATMAP_DISPLAY)
 
 
 def overlay(image_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.5, heat_max: float = HEAT_MAX) -> np.ndarray:
@@ -39,7 +36,7 @@ def save_overlay(path: str | Path, image_u8: np.ndarray, heat: np.ndarray, upsca
         im.save(tmp, format="PNG")
 
 
-def _save_fig(fig, path: str | Path) -> None:
+def save_fig(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -59,7 +56,7 @@ def roc_figure(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity (normals flagged)", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def examples_figure(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]], title: str = "",
@@ -86,4 +83,4 @@ def examples_figure(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarr
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)

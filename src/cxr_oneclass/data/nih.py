@@ -31,7 +31,7 @@ import logging
 from pathlib import Path
 
 from ..errors import DataError
-from .sources import Record
+from .types import Record
 from .splits import (
     SIZE_KEYS,
     SplitSizes,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .nih import open_text
-from .sources import Record
+from .types import Record
 from .splits import (
     SIZE_KEYS,
     SplitSizes,

@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import DataError
-from .sources import Record
+from .types import Record
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,10 @@ import copy
 import torch
 from torch import nn
 
-from .config import SCORE_TERMS, Config, n_down_layers
+from ..config import Config
+from .geometry import encoder_channels
 
 LEAK = 0.2  # DCGAN's leaky ReLU slope
-
-
-def encoder_channels(image_size: int, width: int) -> list[int]:
-    """Channels of the stride-2 layers, doubling from `width` and capped at 8x width (so 128 px stays affordable)."""
-    return [width * min(2**i, 8) for i in range(n_down_layers(image_size))]
 
 
 class Encoder(nn.Module):
@@ -120,47 +116,12 @@ class Discriminator(nn.Module):
         return logit.squeeze(1), feats
 
 
-def fdist_dim(cfg: Config) -> int:
-    """Length of the feature vector that the fdist score term measures (see scoring.feature_vector)."""
-    if cfg.fdist_features == "u":
-        return sum(encoder_channels(cfg.image_size, cfg.width)[1:])
-    return cfg.latent_dim
-
-
-SDIST_CHANNELS = 4  # principal directions of U's first feature map that sdist keeps
-SDIST_SIDE = 8  # sdist's grid: the map is average-pooled to 8x8 cells (8x8 px each at 64 px)
-
-
-def sdist_shape(cfg: Config) -> tuple[int, int, int]:
-    """(channels of U's first feature map, principal directions kept, grid side) for the sdist score term."""
-    first = encoder_channels(cfg.image_size, cfg.width)[0]
-    return first, min(SDIST_CHANNELS, first), min(SDIST_SIDE, cfg.image_size // 2)
-
-
-class ScoreStats(nn.Module):
-    """Statistics the anomaly score needs beyond the networks, fitted after training (scoring.fit_score_stats)
-    and saved with the weights: the training normals' feature mean (F,) and whitening matrix (F, F) for fdist;
-    for sdist the channel mean (C,) and principal directions (C, P) of U's first map and the mean (G,) and
-    whitening matrix (G, G) of its pooled grid (G = P·side²); a centre and scale (K,) per score term for
-    standardised scores (0 and 1 leave a term as it is)."""
-
-    def __init__(self, n_features: int, n_terms: int, sdist: tuple[int, int, int] = (1, 1, 1)) -> None:
-        super().__init__()
-        channels, kept, side = sdist
-        grid = kept * side * side
-        self.register_buffer("feat_mean", torch.zeros(n_features))
-        self.register_buffer("feat_whiten", torch.eye(n_features))
-        self.register_buffer("center", torch.zeros(n_terms))
-        self.register_buffer("scale", torch.ones(n_terms))
-        self.register_buffer("sd_chan_mean", torch.zeros(channels))
-        self.register_buffer("sd_proj", torch.zeros(channels, kept))
-        self.register_buffer("sd_mean", torch.zeros(grid))
-        self.register_buffer("sd_whiten", torch.eye(grid))
-
-
 class OneClassGAN(nn.Module):
-    """The three networks of a variant: U always; E for u+e and full; D for u+d and full; and the score's
-    fitted statistics."""
+    """The three networks of a variant: U always; E for u+e and full; D for u+d and full.
+
+    `stats` holds the score's statistics fitted after training (`scoring.stats.ScoreStats`, saved with the
+    weights); a freshly trained model has none until the score is fitted.
+    """
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -168,7 +129,7 @@ class OneClassGAN(nn.Module):
         self.U = UNetAutoencoder(cfg)
         self.E = Encoder(cfg.image_size, cfg.width, cfg.latent_dim) if cfg.uses_e else None
         self.D = Discriminator(cfg) if cfg.uses_d else None
-        self.stats = new_score_stats(cfg)
+        self.stats: nn.Module | None = None
         init_weights(self, cfg.init_std)
 
     def generator_parameters(self) -> list[nn.Parameter]:
@@ -177,11 +138,6 @@ class OneClassGAN(nn.Module):
         if self.E is not None:
             params += list(self.E.parameters())
         return params
-
-
-def new_score_stats(cfg: Config) -> ScoreStats:
-    """Unfitted statistics for `cfg`'s score (identity whitening, no centring)."""
-    return ScoreStats(fdist_dim(cfg), len(SCORE_TERMS), sdist_shape(cfg))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

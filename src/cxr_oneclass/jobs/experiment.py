@@ -1,4 +1,4 @@
-"""Experiments: every method (ablation variants, baselines) x repeats with different seeds on one fixed split.
+"""`cxr-oneclass experiment`: every method (ablation variants, baselines) x repeats with different seeds on one fixed split.
 
 Writes DIR/results.{md,csv,json}: AUC mean ± std per method in the layout of the paper's Table 1, the AUC of
 each score component, training time and images/s. Each run lives in DIR/runs/<method>/seed<k>/; a finished run
@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import SCORE_TERMS as COMPONENTS, Config, method_config
-from .data.sources import Dataset, load_dataset
-from .io_utils import write_csv, write_json, write_text
-from .workflow import evaluate_run, train_run
+from ..config import Config, method_config
+from ..data.specs import load_dataset
+from ..data.types import Dataset
+from ..io_utils import write_csv, write_json, write_text
+from ..runs import EXPERIMENT_FILE, RESULTS_FILES, ExperimentRun, experiment_run
+from ..scoring.terms import TERM_NAMES as COMPONENTS
+from .evaluate import evaluate_run
+from .train import train_run
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,8 @@ class ExperimentPlan:
     base: Config
     split_seed: int = 0
 
-    def run_dir(self, method: str, repeat: int) -> Path:
-        return self.out / "runs" / method / f"seed{self.base.seed + repeat}"
+    def run(self, method: str, repeat: int) -> ExperimentRun:
+        return experiment_run(self.out, method, self.base.seed + repeat)
 
 
 def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable[[str, int, dict | None], None] | None = None,
@@ -53,15 +57,15 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
     """Train and evaluate every (method, repeat); returns one row per run and writes the results files.
     With `collect_only`, trains nothing: the results files hold the runs that are finished, the rest are logged."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    write_json(plan.out / "experiment.json", {"data": plan.data, "methods": plan.methods, "repeats": plan.repeats, "base_config": plan.base.to_dict(), "split_seed": plan.split_seed})
+    write_json(plan.out / EXPERIMENT_FILE, {"data": plan.data, "methods": plan.methods, "repeats": plan.repeats, "base_config": plan.base.to_dict(), "split_seed": plan.split_seed})
     dataset: Dataset | None = None
     rows = []
     for method in plan.methods:
         cfg0 = method_config(method, plan.base)  # validates the name before any work
         for r in range(plan.repeats):
-            run_dir = plan.run_dir(method, r)
-            done = run_dir / "metrics.json"
-            if done.is_file():
+            run = plan.run(method, r)
+            run_dir, done = run.root, run.done_file
+            if run.finished:
                 row = json.loads(done.read_text())["row"]
                 log.info("skip %s seed %d: finished earlier", method, row["seed"])
                 if on_run:
@@ -78,8 +82,8 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
                 dataset = load_dataset(plan.data, plan.base.image_size, plan.split_seed)
             cfg = method_config(method, Config.from_dict({**cfg0.to_dict(), "seed": plan.base.seed + r}))
             monitor = {MONITOR_NAME: dataset["test"]} if "test" in dataset.splits else None
-            outcome = train_run(cfg, dataset, run_dir / "model", progress=progress, monitor=monitor)
-            metrics = evaluate_run(run_dir / "model", dataset, "test", run_dir / "eval", progress=progress)
+            outcome = train_run(cfg, dataset, run.model_dir, progress=progress, monitor=monitor)
+            metrics = evaluate_run(run.model_dir, dataset, "test", run.eval_dir, progress=progress)
             last = outcome.history[-1]
             row = {
                 "method": method,
@@ -126,8 +130,9 @@ def _fmt(mean: float | None, std: float | None, digits: int = 3) -> str:
 
 def write_results(plan: ExperimentPlan, rows: list[dict]) -> None:
     summary = summarise(rows, plan.methods)
-    write_csv(plan.out / "results.csv", rows)
-    write_json(plan.out / "results.json", {"data": plan.data, "repeats": plan.repeats, "summary": summary, "runs": rows})
+    md, csv_name, json_name = RESULTS_FILES
+    write_csv(plan.out / csv_name, rows)
+    write_json(plan.out / json_name, {"data": plan.data, "repeats": plan.repeats, "summary": summary, "runs": rows})
     lines = [
         f"# Experiment on `{plan.data}`",
         "",
@@ -147,4 +152,4 @@ def write_results(plan: ExperimentPlan, rows: list[dict]) -> None:
             f"{_fmt(s['images_per_s_mean'], s['images_per_s_std'], 1)} | {'%.3f / %.3f' % paper if paper else '–'} |"
         )
     lines += ["", "AUC columns per term: the test AUC that term gives on its own (analysis; the score uses the config's terms)."]
-    write_text(plan.out / "results.md", "\n".join(lines) + "\n")
+    write_text(plan.out / md, "\n".join(lines) + "\n")

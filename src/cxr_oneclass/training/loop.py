@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed, losses
-from .config import Config
-from .errors import DataError
-from .nets import OneClassGAN, build_model
-from .runtime import autocast, pick_device, seed_everything, to_model_range
+from ..config import Config
+from ..errors import DataError
+from ..model import losses
+from ..model.networks import OneClassGAN, build_model
+from ..runtime import autocast, pick_device, seed_everything, to_model_range
+from . import distributed
 
 log = logging.getLogger(__name__)
 

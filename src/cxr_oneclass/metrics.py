@@ -1,11 +1,11 @@
-"""Metrics from scores and labels: AUC overall and per component, operating points at a threshold."""
+"""Metrics from scores and labels: AUC overall and per term, operating points at a threshold. Numbers in, numbers out."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from .scoring import COMPONENTS, threshold_at_sensitivity
+from .scoring.terms import TERM_NAMES
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -15,6 +15,14 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
         return None
     keep = labels >= 0
     return float(roc_auc_score(labels[keep], np.asarray(scores)[keep]))
+
+
+def threshold_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
+    """Highest threshold that flags (score >= threshold) at least `sensitivity` of the abnormals."""
+    abn = np.sort(np.asarray(scores)[np.asarray(labels) == 1])
+    if abn.size == 0:
+        raise ValueError("no abnormal images to set a sensitivity on")
+    return float(abn[int(np.floor((1.0 - sensitivity) * abn.size))])
 
 
 def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | None]:
@@ -46,7 +54,7 @@ def compute_metrics(labels: np.ndarray, scored: dict[str, np.ndarray], normalise
         "auc": auc(labels, scored["score"]),
         "n_normal": int((labels == 0).sum()),
         "n_abnormal": int((labels == 1).sum()),
-        "component_auc": {k: auc(labels, scored[k]) for k in COMPONENTS if k in scored},
+        "component_auc": {k: auc(labels, scored[k]) for k in TERM_NAMES if k in scored},
     }
     if threshold is not None:
         metrics["at_threshold"] = operating_point(labels, normalised, threshold)

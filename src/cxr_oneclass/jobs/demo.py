@@ -1,4 +1,4 @@
-"""The main job on embedded data: generate phantom radiographs, train the full model, evaluate, report.
+"""`cxr-oneclass demo`: the main job on embedded data: generate phantom radiographs, train the full model, evaluate, report.
 
 `cxr-oneclass demo --out DIR` writes DIR/metrics.json (overall AUC and per abnormality type), DIR/roc.png,
 DIR/examples.png, DIR/scores.csv and the trained run in DIR/run.
@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_PRESET, resolve
-from .data.phantom import ABNORMALITIES, PhantomOptions
-from .data.sources import load_dataset
-from .evaluate import auc, compute_metrics
-from .io_utils import write_csv, write_json
-from .scoring import heatmap_kind
-from .viz import HEATMAP_DISPLAY, examples_figure, roc_figure
-from .workflow import score_set, train_run
+from ..config import DEFAULT_PRESET, resolve
+from ..data.phantom import ABNORMALITIES, PhantomOptions
+from ..data.specs import load_dataset
+from ..io_utils import write_csv, write_json
+from ..metrics import auc, compute_metrics
+from ..scoring.terms import HEATMAP_DISPLAY, heatmap_kind
+from ..viz import examples_figure, roc_figure
+from .evaluate import score_set
+from .train import train_run
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import RunError
-from .io_utils import atomic_path
-from .nets import OneClassGAN, fold_batchnorm
-from .scoring import COMPONENTS, Calibration, component_weights, compute_components, heatmap_kind, model_components, score_tensor
+from .._version import __version__
+from ..errors import RunError
+from ..io_utils import atomic_path
+from ..model.networks import OneClassGAN, fold_batchnorm
+from .calibration import Calibration
+from .inference import component_weights, compute_components, model_components
+from .terms import RESIDUAL, heatmap_kind
 
 FORMAT = "cxr-oneclass-onnx/1"
 OPSET = 17
@@ -93,38 +95,11 @@ def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | 
             entry.key, entry.value = META + k, v
         proto.producer_name = "cxr-oneclass"
         proto.producer_version = __version__
-        proto.doc_string = "cxr-oneclass scoring graph; see cxr_oneclass/export.py for inputs, outputs and metadata"
+        proto.doc_string = "cxr-oneclass scoring graph; see cxr_oneclass/scoring/onnx.py for inputs, outputs and metadata"
         if check:
             onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
     return out
-
-
-def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, verify: bool = True) -> dict:
-    """Export a trained run; with `verify`, score random images with onnxruntime and PyTorch and return the
-    largest relative difference of the scores (raises if it exceeds 1e-4)."""
-    from .checkpoint import load_run
-
-    model, calibration, _ = load_run(run_dir)
-    path = export_onnx(model, out, calibration, opset)
-    info = {"path": str(path), "bytes": path.stat().st_size, "max_rel_diff": None}
-    if verify:
-        rng = np.random.default_rng(0)
-        size = model.cfg.image_size
-        images = rng.integers(0, 256, (5, size, size), dtype=np.uint8)
-        ref = score_tensor(model, torch.from_numpy(images).unsqueeze(1).float().div(127.5).sub(1.0))
-        got = OnnxScorer(path).score(images)
-        # A standardised score is in units of the validation normals' spread and crosses zero, where a relative
-        # difference means nothing: compare it relative to max(|score|, 1 spread). Components: plain relative.
-        floor = {"score": 1.0 if model.cfg.score_norm == "standardised" else 1e-12}
-        rel = max(
-            float(np.max(np.abs(got[k] - ref[k].double().numpy()) / np.maximum(np.abs(ref[k].double().numpy()), floor.get(k, 1e-12))))
-            for k in ("score", *[c for c in COMPONENTS if c in ref])
-        )
-        info["max_rel_diff"] = rel
-        if rel > 1e-4:
-            raise RunError(f"{path}: onnxruntime scores differ from PyTorch by {rel:.2e} (relative)")
-    return info
 
 
 class OnnxScorer:
@@ -150,10 +125,11 @@ class OnnxScorer:
         cal = json.loads(meta.get(META + "calibration", "null"))
         self.calibration = Calibration.from_dict(cal) if cal else None
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.heatmap_kind = meta.get(META + "heatmap", "residual")  # exports before sdist: always the residual
+        self.score_terms = list(json.loads(meta.get(META + "score_weights", "{}")))  # the terms the score sums
+        self.heatmap_kind = meta.get(META + "heatmap", RESIDUAL)  # exports before sdist: always the residual
 
     def score(self, images: np.ndarray, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
-        """Like `scoring.score_images`: score and components (N,) as float64, heat maps (N,H,W) as float16."""
+        """Like `scoring.inference.score_images`: score and components (N,) as float64, heat maps (N,H,W) as float16."""
         chunks: dict[str, list[np.ndarray]] = {}
         for s in range(0, len(images), batch_size):
             batch = np.ascontiguousarray(images[s : s + batch_size], dtype=np.uint8)[:, None]

@@ -23,21 +23,26 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import RunError
-from .evaluate import auc as auc_of
-from .evaluate import operating_point
-from .io_utils import write_text
-from .scoring import COMPONENTS, heatmap_kind, threshold_at_sensitivity
-from .viz import HEAT_LABEL, HEAT_MAX, HEATMAP_DISPLAY, _save_fig
+from .._version import __version__
+from ..errors import RunError
+from ..io_utils import write_text
+from ..metrics import auc as auc_of
+from ..metrics import operating_point, threshold_at_sensitivity
+from ..runs import (CONFIG_FILE, EXPERIMENT_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, RESULTS_FILES, SCORES_FILE,
+                    DataProvenance, experiment_of, experiment_runs, find_eval, is_run)
+from ..scoring.terms import HEATMAP_DISPLAY, RESIDUAL, TERM_NAMES, heatmap_kind
+from ..viz import save_fig
+
+HEAT_LABEL, HEAT_MAX = HEATMAP_DISPLAY[RESIDUAL]
 
 log = logging.getLogger(__name__)
 
 FIG_DIR = "report_figures"
+REPORT_HTML, REPORT_MD = "report.html", "report.md"
 SENSITIVITIES = ("0.90", "0.95", "0.99")
 TEST_AUC_COLUMN = "test_auc_not_for_selection"
 TEST_AUC_LABEL = "test AUC (analysis only, not used for selection)"
-SCORE_COLUMNS = {"file", "label", "score", "raw_score", *COMPONENTS}
+SCORE_COLUMNS = {"file", "label", "score", "raw_score", *TERM_NAMES}
 NORMAL_VALUES = {"", "normal", "no finding", "none", "negative", "0"}
 N_EXAMPLES = 4  # images per group in the reconstruction grid
 LOSS_NAMES = {
@@ -129,67 +134,43 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     return [{k: _float(v) for k, v in r.items() if k} for r in rows]
 
 
-def _is_model_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
-
-
 def _read_run(method: str | None, seed: int | None, model_dir: Path, eval_dir: Path | None) -> RunRecord:
-    doc = _read_json(model_dir / "config.json") or {}
+    doc = _read_json(model_dir / CONFIG_FILE) or {}
     if method is None:
         method = (doc.get("config") or {}).get("variant", "run")
     metrics = scores = None
     if eval_dir is not None:
-        metrics = _read_json(eval_dir / "metrics.json")
-        scores = _read_csv(eval_dir / "scores.csv")
-    return RunRecord(method, seed, model_dir, eval_dir, doc, _read_history(model_dir / "history.csv"), metrics, scores)
-
-
-def _find_eval(run_dir: Path) -> Path | None:
-    """RUN/eval-test, else any RUN/eval-*; None when the run was never evaluated."""
-    if (run_dir / "eval-test" / "scores.csv").is_file() or (run_dir / "eval-test" / "metrics.json").is_file():
-        return run_dir / "eval-test"
-    found = sorted(d for d in run_dir.glob("eval-*") if d.is_dir() and (d / "scores.csv").is_file())
-    return found[0] if found else None
-
-
-def _seed_of(name: str) -> int:
-    m = re.fullmatch(r"seed(-?\d+)", name)
-    return int(m.group(1)) if m else 0
+        metrics = _read_json(eval_dir / METRICS_FILE)
+        scores = _read_csv(eval_dir / SCORES_FILE)
+    return RunRecord(method, seed, model_dir, eval_dir, doc, _read_history(model_dir / HISTORY_FILE), metrics, scores)
 
 
 def read_source(path: str | Path) -> Source:
-    """Detect a single run (RUN/config.json + model), an experiment run (DIR/model + DIR/eval) or an experiment
-    folder (experiment.json or runs/<method>/seed<k>/) and read everything a report needs."""
+    """Detect a single run, an experiment's run (DIR/model + DIR/eval) or an experiment folder (see `runs`) and
+    read everything a report needs."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: no such folder (give a run folder or an experiment folder)")
-    if _is_model_dir(path):
-        run = _read_run(None, None, path, _find_eval(path))
-        cfg = run.doc.get("config") or {}
-        return Source("run", path, [run], [run.method], run.doc.get("data"), cfg.get("seed"))
-    if _is_model_dir(path / "model"):  # one run of an experiment: DIR/model + DIR/eval
-        run = _read_run(None, None, path / "model", path / "eval" if (path / "eval").is_dir() else None)
-        exp = _read_json(path.parent.parent.parent / "experiment.json") or {}
-        seed = exp.get("split_seed", (run.doc.get("config") or {}).get("seed"))
-        return Source("run", path, [run], [run.method], run.doc.get("data"), seed)
-    exp = _read_json(path / "experiment.json")
-    runs_root = path / "runs"
-    if exp is None and not runs_root.is_dir():
-        raise RunError(f"{path}: neither a run (config.json + model.safetensors) nor an experiment (experiment.json, runs/)")
+    single = path if is_run(path) else path / "model" if is_run(path / "model") else None
+    if single is not None:
+        ev = find_eval(path) if single == path else (path / "eval" if (path / "eval").is_dir() else None)
+        run = _read_run(None, None, single, ev)
+        prov = DataProvenance.from_doc(run.doc, single)
+        return Source("run", path, [run], [run.method], prov.spec if prov else None, prov.split_seed if prov else None)
+    exp = _read_json(path / EXPERIMENT_FILE)
+    if exp is None and not (path / "runs").is_dir():
+        raise RunError(f"{path}: neither a run ({MODEL_FILE} + {CONFIG_FILE}) nor an experiment ({EXPERIMENT_FILE}, runs/)")
     exp = exp or {}
-    found = sorted(d.name for d in runs_root.iterdir() if d.is_dir()) if runs_root.is_dir() else []
-    methods = [m for m in exp.get("methods", []) if m in found] + [m for m in found if m not in exp.get("methods", [])]
-    runs = []
-    for m in methods:
-        for d in sorted((d for d in (runs_root / m).glob("seed*") if d.is_dir()), key=lambda d: _seed_of(d.name)):
-            if _is_model_dir(d / "model"):
-                runs.append(_read_run(m, _seed_of(d.name), d / "model", d / "eval" if (d / "eval").is_dir() else None))
-    methods = [m for m in methods if any(r.method == m for r in runs)]
+    found = experiment_runs(path, exp.get("methods", []))
+    runs = [_read_run(r.method, r.seed, r.model_dir, r.eval_dir if r.eval_dir.is_dir() else None) for r in found]
+    methods = list(dict.fromkeys(r.method for r in runs))
     if not runs:
         raise RunError(f"{path}: experiment has no finished runs under runs/<method>/seed<k>/model")
-    results_md = (path / "results.md").read_text(encoding="utf-8") if (path / "results.md").is_file() else None
-    data = exp.get("data") or runs[0].doc.get("data")
-    return Source("experiment", path, runs, methods, data, exp.get("split_seed", 0), exp, results_md)
+    md = path / RESULTS_FILES[0]
+    results_md = md.read_text(encoding="utf-8") if md.is_file() else None
+    prov = DataProvenance.from_doc(runs[0].doc, runs[0].model_dir)
+    data = exp.get("data") or (prov.spec if prov else None)
+    return Source("experiment", path, runs, methods, data, exp.get("split_seed", prov.split_seed if prov else 0), exp, results_md)
 
 
 # ----------------------------------------------------------------------------------------------- document model
@@ -337,7 +318,7 @@ def _roc_section(src: Source, figdir: Path) -> Section:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity (normals flagged)", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="ROC on the test split")
     ax.legend(loc="lower right", fontsize=8)
-    _save_fig(fig, figdir / "roc.png")
+    save_fig(fig, figdir / "roc.png")
     many = src.repeats > 1
     s.fig("roc.png", "One curve per method" + (": mean TPR over repeats on a common grid of 201 FPR values, shaded band = "
                                                   "min–max over repeats; AUC mean ± std over repeats." if many else "."))
@@ -381,7 +362,7 @@ def _histogram_section(src: Source, figdir: Path) -> Section:
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, figdir / "histograms.png")
+    save_fig(fig, figdir / "histograms.png")
     which = "the first repeat of each method (not pooled: each repeat has its own normalisation)" if src.kind == "experiment" else "the run"
     s.fig("histograms.png", f"Normalised test scores of normal and abnormal images, {which}; dashed: the stored threshold "
                             "(from validation).")
@@ -423,7 +404,7 @@ def _training_section(src: Source, figdir: Path) -> Section:
     handles = [Line2D([], [], color=_colour(i), lw=1.5, label=m) for i, m in enumerate(src.methods)]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 0.94 if axes.shape[0] == 1 else 0.97))
-    _save_fig(fig, figdir / "training.png")
+    save_fig(fig, figdir / "training.png")
     caption = "Per-epoch means of every loss term in history.csv, one panel per term"
     if src.repeats > 1:
         caption += "; repeats overlaid (same colour, line style per repeat)"
@@ -554,17 +535,11 @@ def _examples_section(src: Source, figdir: Path) -> Section:
     try:
         import torch
 
-        from .checkpoint import load_run
-        from .data.sources import load_dataset
-        from .scoring import score_images
+        from ..runs import load_run, run_dataset
+        from ..scoring.inference import score_images
 
         model, cal, doc = load_run(run.model_dir)
-        cfg = model.cfg
-        spec = src.data or doc.get("data")
-        if not spec:
-            raise RunError("the run does not record its data spec")
-        seed = src.data_seed if src.data_seed is not None else cfg.seed
-        ds = load_dataset(spec, cfg.image_size, seed, splits=("train", "test"))
+        ds = run_dataset(run.model_dir, doc, model.cfg.image_size, ("train", "test"))
     except Exception as exc:  # moved data, missing weights, anything: the rest of the report still stands
         log.warning("reconstruction grid skipped: %s", exc)
         s.note(f"Skipped: could not load the model or the data of {run.name} ({type(exc).__name__}: {exc}).")
@@ -626,7 +601,7 @@ def _grid_figure(path: Path, panels: list[tuple], heat_label: str = HEAT_LABEL, 
                 axes[r, c].set_yticks([])
         for r, name in enumerate(("input", "reconstruction", heat_label)):
             axes[r, 0].set_ylabel(name, fontsize=7)
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -724,7 +699,7 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
             stale.unlink()
     what = "experiment" if src.kind == "experiment" else "run"
     title = f"cxr-oneclass {what} report: {src.path.resolve().name}"
-    write_text(out_dir / "report.md", _render_md(title, sections))
-    html_path = out_dir / "report.html"
+    write_text(out_dir / REPORT_MD, _render_md(title, sections))
+    html_path = out_dir / REPORT_HTML
     write_text(html_path, _render_html(title, sections, figdir))
     return html_path

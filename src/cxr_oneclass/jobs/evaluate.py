@@ -1,0 +1,49 @@
+"""`cxr-oneclass evaluate RUN`: score a labelled split with a trained run; AUC and operating points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .._version import __version__
+from ..data.types import Dataset, ImageSet
+from ..io_utils import write_csv, write_json
+from ..metrics import compute_metrics
+from ..model.networks import OneClassGAN
+from ..runs import METRICS_FILE, SCORES_FILE, eval_dir, load_run, run_dataset
+from ..scoring.calibration import Calibration
+from ..scoring.inference import model_components, score_images
+
+
+def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False,
+              progress: bool = True) -> dict[str, np.ndarray]:
+    """Every term, the raw score and the normalised score (`normalised`) of an image set."""
+    scored = score_images(model, images.images, batch_size, keep_maps=keep_maps, progress=progress and len(images) > 500)
+    scored["normalised"] = calibration.normalise(scored["score"]) if calibration else scored["score"]
+    return scored
+
+
+def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "test", out_dir: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """Score a split with a trained run; write metrics.json and scores.csv; return the metrics.
+
+    Without `data`, the split comes from the data and split seed the run recorded, so it is exactly the split the
+    run was trained beside."""
+    model, calibration, doc = load_run(run_dir)
+    cfg = model.cfg
+    ds = run_dataset(run_dir, doc, cfg.image_size, (split,), data)
+    images = ds[split]
+    scored = score_set(model, calibration, images, cfg.batch_size, progress=progress)
+    metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None)
+    metrics.update({"split": split, "data": ds.spec, "split_seed": ds.split_seed, "run": str(run_dir), "version": __version__})
+    out = Path(out_dir) if out_dir is not None else eval_dir(run_dir, split)
+    write_json(out / METRICS_FILE, metrics)
+    rows = []
+    for i, name in enumerate(images.names):
+        row = {"file": name, "label": int(images.labels[i]), "score": scored["normalised"][i], "raw_score": scored["score"][i]}
+        row.update({k: scored[k][i] for k in model_components(model)})
+        row.update({k: v[i] for k, v in images.meta.items()})
+        rows.append(row)
+    write_csv(out / SCORES_FILE, rows)
+    return metrics
