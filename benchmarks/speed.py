@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cxr_oneclass.config import replace, resolve  # noqa: E402
 from cxr_oneclass.io_utils import write_json  # noqa: E402
-from cxr_oneclass.nets import build_model  # noqa: E402
+from cxr_oneclass.scoring.stats import build_scoring_model as build_model  # noqa: E402
 from cxr_oneclass.runtime import autocast, bf16_native, to_model_range  # noqa: E402
-from cxr_oneclass.scoring import score_tensor  # noqa: E402
-from cxr_oneclass.train import Trainer, Tuning  # noqa: E402
+from cxr_oneclass.scoring.inference import score_tensor  # noqa: E402
+from cxr_oneclass.training.loop import Trainer, Tuning  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -167,7 +167,7 @@ def bench_score_torch(model, size: int, precision: str, batch: int, reps: int, n
 
 
 def bench_score_onnx(model, size: int, batch: int, reps: int, flops: float, threads: int) -> dict:
-    from cxr_oneclass.export import OnnxScorer, export_onnx
+    from cxr_oneclass.scoring.onnx import OnnxScorer, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"

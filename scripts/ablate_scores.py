@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_oneclass.checkpoint import read_run_config
-from cxr_oneclass.data.sources import load_dataset
-from cxr_oneclass.workflow import rescore_run
+from cxr_oneclass.runs import read_run_config
+from cxr_oneclass.data.specs import load_dataset
+from cxr_oneclass.jobs.rescore import rescore_run
 
 # (label, score_terms, score_norm, fdist_features), one change at a time from the paper's score
 CANDIDATES = [

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from cxr_oneclass.checkpoint import load_run
+from cxr_oneclass.runs import load_run
 from cxr_oneclass.config import resolve
-from cxr_oneclass.data.sources import load_dataset
-from cxr_oneclass.evaluate import auc
+from cxr_oneclass.data.specs import load_dataset
+from cxr_oneclass.metrics import auc
 from cxr_oneclass.runtime import to_model_range
-from cxr_oneclass.scoring import ssim_map
-from cxr_oneclass.workflow import train_run
+from cxr_oneclass.scoring.terms import ssim_map
+from cxr_oneclass.jobs.train import train_run
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cxr_oneclass.data.images import load_image, read_image
-from cxr_oneclass.data.sources import load_dataset
+from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.errors import DataError, ImageError
 
 from conftest import blob_images

@@ -1,6 +1,7 @@
 """End to end through the command line: train -> evaluate -> score, on a tiny generated folder dataset."""
 
 import csv
+import io
 import json
 
 import pytest
@@ -51,10 +52,40 @@ def test_score_files_folders_and_bad_input(trained_run, tmp_path, capsys):
     rc = main(["score", str(run), str(data / "test" / "abnormal"), str(bad), str(tmp_path / "missing.png"), "--csv", str(out_csv), "--heatmaps", str(tmp_path / "hm")])
     assert rc == 1  # some inputs failed, the rest were scored
     rows = list(csv.DictReader(open(out_csv)))
-    assert len(rows) == 6 and all(r["flag"] in ("0", "1") for r in rows)
-    assert len(list((tmp_path / "hm").glob("*.png"))) == 6
+    scored = [r for r in rows if r["flag"] != "error"]
+    assert len(rows) == 8 and len(scored) == 6 and all(r["flag"] in ("normal", "abnormal") for r in scored)
+    # every term the run reports, and the score's (auto's choice) among them; each row names its heat map
+    doc = json.loads((run / "config.json").read_text())
+    assert {"raw_score", "rec", "adv", "enc", "ssim", "fdist", "sdist"} <= set(rows[0])
+    assert all(float(r[t]) >= 0 for r in scored for t in doc["config"]["score_terms"].split("+"))
+    assert sorted(r["heatmap_file"] for r in scored) == sorted(str(p) for p in (tmp_path / "hm").glob("*.png"))
+    # unreadable inputs are rows too, flagged error (never normal), with the reason
+    failed = {r["file"].rsplit("/", 1)[-1]: r for r in rows if r["flag"] == "error"}
+    assert set(failed) == {"bad.png", "missing.png"} and failed["missing.png"]["error"] == "file not found"
     err = capsys.readouterr().err
     assert "bad.png" in err and "missing.png: file not found" in err
+
+
+def test_printed_scores_are_csv_with_the_same_flag_words(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    odd = tmp_path / 'a, "quoted"\nname.png'  # a comma, quotes and a newline in a file name
+    odd.write_bytes((data / "test" / "abnormal" / "abnormal_000.png").read_bytes())
+    assert main(["score", str(run), str(odd), str(data / "test" / "normal")]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 7 and rows[0]["file"] == str(odd)
+    assert {r["flag"] for r in rows} <= {"normal", "abnormal"} and "heatmap_file" not in rows[0]
+    main(["score", str(run), str(odd), "--csv", str(tmp_path / "s.csv")])
+    assert [r["flag"] for r in csv.DictReader(open(tmp_path / "s.csv"))] == [rows[0]["flag"]]
+
+
+def test_quiet_and_verbose_after_the_verb_and_defaults_in_help(trained_run, tmp_path, capsys):
+    data, run = trained_run
+    assert main(["evaluate", str(run), "-q", "--out", str(tmp_path / "ev")]) == 0
+    assert main(["-q", "evaluate", "-v", str(run), "--out", str(tmp_path / "ev2")]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 15 in best" in help_text and "(default: best)" in help_text
 
 
 def test_clear_errors_without_traceback(tmp_path, capsys):
@@ -74,7 +105,7 @@ def test_clear_errors_without_traceback(tmp_path, capsys):
 def test_history_is_written_every_epoch(tmp_path, monkeypatch):
     from conftest import write_folder_dataset
 
-    from cxr_oneclass import workflow
+    from cxr_oneclass.jobs import train as workflow
     from cxr_oneclass.config import resolve
 
     written = []

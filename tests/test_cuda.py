@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_oneclass.checkpoint import load_run, save_run
+from cxr_oneclass.runs import load_run, save_run
 from cxr_oneclass.config import resolve
 from cxr_oneclass.runtime import exact_fp32
-from cxr_oneclass.scoring import fit_score_stats, score_images
-from cxr_oneclass.train import fit
+from cxr_oneclass.scoring.stats import fit_score_stats
+from cxr_oneclass.scoring.inference import score_images
+from cxr_oneclass.training.loop import fit
 
 from conftest import blob_images
 
@@ -38,7 +39,7 @@ def test_model_trained_on_gpu_scores_the_same_on_gpu_and_cpu(tmp_path):
     model = fit(cfg, blob_images(48, 32, seed=1), progress=False).model
     assert next(model.parameters()).device.type == "cuda"
     fit_score_stats(model, blob_images(48, 32, seed=1), blob_images(12, 32, seed=2))
-    save_run(tmp_path / "run", model, model.cfg, None)
+    save_run(tmp_path / "run", model, None)
     on_cpu, _, _ = load_run(tmp_path / "run", device="cpu")
     probe = np.concatenate([blob_images(4, 32, seed=6), blob_images(4, 32, seed=7, abnormal=True)])
     gpu, cpu = score_images(model, probe), score_images(on_cpu, probe)

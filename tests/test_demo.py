@@ -3,8 +3,8 @@ import json
 from PIL import Image
 
 from cxr_oneclass.data.phantom import ABNORMALITIES, PhantomOptions
-from cxr_oneclass.data.sources import load_dataset
-from cxr_oneclass.demo import run_demo
+from cxr_oneclass.data.specs import load_dataset
+from cxr_oneclass.jobs.demo import run_demo
 
 
 def test_phantom_spec_loads_as_data_source():

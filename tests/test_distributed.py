@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cxr_oneclass import distributed
+from cxr_oneclass.training import distributed
 from cxr_oneclass.config import resolve
-from cxr_oneclass.data.sources import Dataset, ImageSet
-from cxr_oneclass.workflow import train_run
+from cxr_oneclass.data.types import Dataset, ImageSet
+from cxr_oneclass.jobs.train import train_run
 
 from conftest import blob_images
 

@@ -5,7 +5,7 @@ import pytest
 
 from cxr_oneclass.cli import main
 from cxr_oneclass.config import ConfigError, resolve
-from cxr_oneclass.experiment import ExperimentPlan, run_experiment
+from cxr_oneclass.jobs.experiment import ExperimentPlan, run_experiment
 
 DATA = "phantom:n_train=32,n_val_normal=8,n_val_abnormal=10,n_test_normal=8,n_test_abnormal=10"
 BASE = dict(image_size=32, width=8, batch_size=16, epochs=1, num_threads=2)

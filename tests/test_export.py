@@ -9,13 +9,15 @@ import onnx
 import pytest
 from PIL import Image
 
-from cxr_oneclass.checkpoint import save_run
+from cxr_oneclass.runs import save_run
 from cxr_oneclass.cli import main
 from cxr_oneclass.config import resolve
-from cxr_oneclass.export import OnnxScorer, export_onnx, export_run
-from cxr_oneclass.scoring import fit_calibration, score_images
-from cxr_oneclass.train import fit
-from cxr_oneclass.workflow import score_paths
+from cxr_oneclass.scoring.onnx import OnnxScorer, export_onnx
+from cxr_oneclass.jobs.export import export_run
+from cxr_oneclass.scoring.calibration import fit_calibration
+from cxr_oneclass.scoring.inference import score_images
+from cxr_oneclass.training.loop import fit
+from cxr_oneclass.jobs.score import score_paths
 
 from conftest import blob_images
 
@@ -28,7 +30,7 @@ def run(tmp_path_factory):
     model = fit(resolve("paper", epochs=2, **TINY), blob_images(48, 32, seed=1), progress=False).model
     val = np.concatenate([blob_images(8, 32, seed=2), blob_images(8, 32, seed=3, abnormal=True)])
     cal = fit_calibration(score_images(model, val)["score"], np.r_[np.zeros(8), np.ones(8)].astype(int))
-    save_run(root / "run", model, model.cfg, cal)
+    save_run(root / "run", model, cal)
     images = root / "images"
     images.mkdir()
     for i, img in enumerate(np.concatenate([blob_images(5, 48, seed=4), blob_images(5, 48, seed=5, abnormal=True)])):
@@ -97,18 +99,18 @@ def test_score_paths_streams_in_chunks_with_the_same_results(run):
     whole, errs = score_paths(root / "run", [root / "images"], batch_size=64)
     chunked, errs2 = score_paths(root / "run", [root / "images"], batch_size=3)  # 4 chunks, decode overlapped
     assert not errs and not errs2
-    assert [r.path for r in whole] == [r.path for r in chunked]
+    assert [r.source for r in whole] == [r.source for r in chunked]
     np.testing.assert_allclose([r.score for r in chunked], [r.score for r in whole], rtol=1e-5)
     assert len(whole) == 10
 
 
 def test_best_preset_exports_its_fitted_score(tmp_path):
     """The standardised ssim + fdist score, with statistics fitted on normals, survives export."""
-    from cxr_oneclass.scoring import fit_score_stats
+    from cxr_oneclass.scoring.stats import fit_score_stats
 
     model = fit(resolve("best", epochs=1, **TINY), blob_images(32, 32, seed=1), progress=False).model
     fit_score_stats(model, blob_images(32, 32, seed=1), blob_images(12, 32, seed=2))
-    save_run(tmp_path / "run", model, model.cfg, None)
+    save_run(tmp_path / "run", model, None)
     info = export_run(tmp_path / "run", tmp_path / "best.onnx")
     assert info["max_rel_diff"] < 1e-4
     probe = np.concatenate([blob_images(3, 32, seed=6), blob_images(3, 32, seed=7, abnormal=True)])
@@ -125,7 +127,7 @@ def test_best_preset_exports_its_fitted_score(tmp_path):
 
 def test_export_of_an_sdist_score_carries_its_heat_map(tmp_path):
     """A best-preset score with sdist: the ONNX graph gives the same sdist term and cell-share heat map."""
-    from cxr_oneclass.scoring import fit_score_stats
+    from cxr_oneclass.scoring.stats import fit_score_stats
 
     cfg = resolve("paper", epochs=1, score_terms="ssim+sdist", score_norm="standardised", **TINY)
     model = fit(cfg, blob_images(48, 32, seed=1), progress=False).model

@@ -1,6 +1,6 @@
 import torch
 
-from cxr_oneclass import losses
+from cxr_oneclass.model import losses
 
 
 def test_reconstruction_is_mean_absolute_error():

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from cxr_oneclass.data import nih, rsna
-from cxr_oneclass.data.sources import Record, load_dataset
+from cxr_oneclass.data.types import Record
+from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.splits import SplitSizes, fit_sizes, parse_source_arg, split_by_patient_with_sizes
 from cxr_oneclass.errors import DataError
 

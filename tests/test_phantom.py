@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 
 from cxr_oneclass.data import phantom as ph
-from cxr_oneclass.data.phantom import (
-    ABNORMALITIES,
-    PhantomOptions,
-    PhantomSplit,
-    make_splits,
-    parse_options,
-    render,
-)
+from cxr_oneclass.data.phantom import ABNORMALITIES, PhantomOptions, PhantomSplit, make_splits, parse_options, render
 
 KINDS = ("normal",) + ABNORMALITIES
 

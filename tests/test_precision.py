@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cxr_oneclass.config import resolve
-from cxr_oneclass.nets import build_model, fold_batchnorm
-from cxr_oneclass.scoring import inference_model, score_images, score_tensor
-from cxr_oneclass.train import Tuning, fit
+from cxr_oneclass.model.networks import fold_batchnorm
+from cxr_oneclass.scoring.stats import build_scoring_model as build_model
+from cxr_oneclass.scoring.inference import inference_model, score_images, score_tensor
+from cxr_oneclass.training.loop import Tuning, fit
 
 from conftest import blob_images
 

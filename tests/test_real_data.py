@@ -3,8 +3,9 @@
 import numpy as np
 
 from cxr_oneclass.config import resolve
-from cxr_oneclass.data.sources import load_dataset
-from cxr_oneclass.workflow import evaluate_run, train_run
+from cxr_oneclass.data.specs import load_dataset
+from cxr_oneclass.jobs.evaluate import evaluate_run
+from cxr_oneclass.jobs.train import train_run
 
 
 def test_manifests_load_with_their_splits(shared_data):

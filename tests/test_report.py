@@ -12,9 +12,10 @@ import torch
 
 from cxr_oneclass.cli import main
 from cxr_oneclass.config import resolve
-from cxr_oneclass.experiment import ExperimentPlan, run_experiment
-from cxr_oneclass.report import FIG_DIR, TEST_AUC_LABEL, write_report
-from cxr_oneclass.workflow import evaluate_run, train_run
+from cxr_oneclass.jobs.experiment import ExperimentPlan, run_experiment
+from cxr_oneclass.jobs.report import FIG_DIR, TEST_AUC_LABEL, write_report
+from cxr_oneclass.jobs.evaluate import evaluate_run
+from cxr_oneclass.jobs.train import train_run
 
 DATA = "phantom:n_train=32,n_val_normal=8,n_val_abnormal=10,n_test_normal=8,n_test_abnormal=10"
 SECTION_IDS = ("summary", "roc", "histograms", "training", "operating-points", "reconstructions", "subgroups")
@@ -30,6 +31,14 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def _move_data_away(exp: Path, where: Path) -> None:
+    """As if the data had moved: the experiment and each run record a folder that is not there."""
+    for cfg_file in [exp / "experiment.json", *exp.glob("runs/*/*/model/config.json")]:
+        doc = json.loads(cfg_file.read_text())
+        doc["data"] = f"folder:{where}"
+        cfg_file.write_text(json.dumps(doc))
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +106,7 @@ def test_experiment_markdown_links_existing_pngs(experiment, experiment_report):
 def test_report_skips_reconstructions_when_data_is_gone(experiment, tmp_path):
     copy = tmp_path / "exp"
     shutil.copytree(experiment, copy, ignore=shutil.ignore_patterns("report*"))
-    doc = json.loads((copy / "experiment.json").read_text())
-    doc["data"] = f"folder:{tmp_path / 'moved-away'}"
-    (copy / "experiment.json").write_text(json.dumps(doc))
+    _move_data_away(copy, tmp_path / "moved-away")
     html = write_report(copy, out=tmp_path / "elsewhere").read_text(encoding="utf-8")
     recon = html.split('<section id="reconstructions">')[1].split("</section>")[0]
     assert 'class="note"' in recon and "Skipped" in recon and "<img" not in recon
@@ -139,9 +146,7 @@ def test_rewritten_report_leaves_no_stale_figures(experiment, tmp_path):
     out = tmp_path / "rep"
     write_report(copy, out=out)
     assert (out / "report_figures" / "reconstructions.png").is_file()
-    doc = json.loads((copy / "experiment.json").read_text())
-    doc["data"] = f"folder:{tmp_path / 'moved-away'}"  # second report cannot draw reconstructions
-    (copy / "experiment.json").write_text(json.dumps(doc))
+    _move_data_away(copy, tmp_path / "moved-away")  # the second report cannot draw reconstructions
     write_report(copy, out=out)
     assert not (out / "report_figures" / "reconstructions.png").exists()
     assert (out / "report_figures" / "roc.png").is_file()

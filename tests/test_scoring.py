@@ -2,11 +2,14 @@ import numpy as np
 import pytest
 import torch
 
+from cxr_oneclass.scoring.terms import TERM_INDEX
+
 from cxr_oneclass.config import resolve
-from cxr_oneclass.evaluate import auc, operating_point
-from cxr_oneclass.nets import build_model
-from cxr_oneclass.scoring import fit_calibration, score_images, score_tensor
-from cxr_oneclass.train import fit
+from cxr_oneclass.metrics import auc, operating_point
+from cxr_oneclass.scoring.stats import build_scoring_model as build_model
+from cxr_oneclass.scoring.calibration import fit_calibration
+from cxr_oneclass.scoring.inference import score_images, score_tensor
+from cxr_oneclass.training.loop import fit
 
 from conftest import blob_images
 
@@ -83,7 +86,7 @@ def test_score_terms_select_components():
 # ------------------------------------------------------------------ ssim, fdist and standardised scores
 
 def test_ssim_map_is_one_for_identical_images_and_lower_for_changed_structure():
-    from cxr_oneclass.scoring import ssim_map
+    from cxr_oneclass.scoring.terms import ssim_map
 
     x = torch.from_numpy(blob_images(2, 32, seed=3)).float().div(127.5).sub(1).unsqueeze(1)
     same = ssim_map(x, x)
@@ -97,7 +100,9 @@ def test_ssim_map_is_one_for_identical_images_and_lower_for_changed_structure():
 def test_fdist_is_the_mahalanobis_distance_of_training_features():
     from sklearn.covariance import LedoitWolf
 
-    from cxr_oneclass.scoring import feature_vector, fit_score_stats, inference_model
+    from cxr_oneclass.scoring.stats import fit_score_stats
+
+    from cxr_oneclass.scoring.inference import inference_model
 
     model = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
     train = blob_images(48, 32, seed=1)
@@ -109,7 +114,7 @@ def test_fdist_is_the_mahalanobis_distance_of_training_features():
         with torch.no_grad():
             x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
             _, z, fu = inference_model(model).U(x)
-            return feature_vector("u", z, fu, None).double().numpy()
+            return torch.cat([f.mean(dim=(2, 3)) for f in fu[1:]], dim=1).double().numpy()  # U's maps below the first, pooled
 
     lw = LedoitWolf().fit(feats(train))
     expect = lw.mahalanobis(feats(probe)) / feats(probe).shape[1]
@@ -118,7 +123,7 @@ def test_fdist_is_the_mahalanobis_distance_of_training_features():
 
 
 def test_standardised_score_centres_validation_normals_and_sums_terms():
-    from cxr_oneclass.scoring import fit_score_stats
+    from cxr_oneclass.scoring.stats import fit_score_stats
 
     cfg = resolve("paper", epochs=1, score_norm="standardised", score_terms="ssim+fdist+rec", **TINY)
     model = fit(cfg, blob_images(48, 32, seed=1), progress=False).model
@@ -127,20 +132,20 @@ def test_standardised_score_centres_validation_normals_and_sums_terms():
     out = score_images(model, val_normals)
     assert abs(np.median(out["score"])) < 1.0  # each term's median on these images is 0: the sum sits near 0
     stats = model.stats
-    expect = sum((out[k] - float(stats.center[i])) / float(stats.scale[i]) for i, k in enumerate(("rec", "adv", "enc", "ssim", "fdist")) if k in ("ssim", "fdist", "rec"))
+    expect = sum((out[k] - float(stats.center[TERM_INDEX[k]])) / float(stats.scale[TERM_INDEX[k]]) for k in ("ssim", "fdist", "rec"))
     np.testing.assert_allclose(out["score"], expect, rtol=1e-5, atol=1e-6)
     # a standardised score is unchanged by how large a term's raw units are
-    assert float(stats.scale[4]) != 1.0 and float(stats.scale[3]) != 1.0
+    assert float(stats.scale[TERM_INDEX["fdist"]]) != 1.0 and float(stats.scale[TERM_INDEX["ssim"]]) != 1.0
 
 
 def test_score_stats_survive_save_and_load(tmp_path):
-    from cxr_oneclass.checkpoint import load_run, save_run
-    from cxr_oneclass.scoring import fit_score_stats
+    from cxr_oneclass.runs import load_run, save_run
+    from cxr_oneclass.scoring.stats import fit_score_stats
 
     cfg = resolve("paper", epochs=1, score_norm="standardised", score_terms="ssim+fdist", **TINY)
     model = fit(cfg, blob_images(32, 32, seed=1), progress=False).model
     fit_score_stats(model, blob_images(32, 32, seed=1), blob_images(12, 32, seed=2))
-    save_run(tmp_path / "run", model, cfg, None)
+    save_run(tmp_path / "run", model, None)
     loaded, _, _ = load_run(tmp_path / "run")
     probe = blob_images(4, 32, seed=5, abnormal=True)
     np.testing.assert_allclose(score_images(loaded, probe)["score"], score_images(model, probe)["score"], rtol=1e-6)
@@ -157,7 +162,7 @@ def test_best_preset_scores_variants_without_e_on_u_latent():
 
 
 def test_fdist_fits_on_very_few_training_normals():
-    from cxr_oneclass.scoring import fit_score_stats
+    from cxr_oneclass.scoring.stats import fit_score_stats
 
     model = build_model(resolve("best", **TINY)).eval()
     for n in (1, 2, 3):
@@ -169,8 +174,10 @@ def test_fdist_fits_on_very_few_training_normals():
 def test_sdist_is_the_mahalanobis_distance_of_the_pooled_first_map_and_flags_a_small_lesion():
     from sklearn.covariance import LedoitWolf
 
-    from cxr_oneclass.nets import sdist_shape
-    from cxr_oneclass.scoring import fit_score_stats, inference_model, sdist_grid
+    from cxr_oneclass.scoring.terms import sdist_shape
+    from cxr_oneclass.scoring.stats import fit_score_stats
+    from cxr_oneclass.scoring.inference import inference_model
+    from cxr_oneclass.scoring.terms import sdist_grid
 
     model = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
     train = blob_images(64, 32, seed=1)
@@ -198,8 +205,8 @@ def test_sdist_is_the_mahalanobis_distance_of_the_pooled_first_map_and_flags_a_s
 
 def test_auto_score_terms_pick_the_best_validation_combination_and_prefer_fewer_terms():
     from cxr_oneclass.config import ConfigError
-    from cxr_oneclass.nets import new_score_stats
-    from cxr_oneclass.scoring import select_score_terms
+    from cxr_oneclass.scoring.stats import new_score_stats
+    from cxr_oneclass.scoring.selection import select_score_terms
 
     stats = new_score_stats(resolve("best", **TINY))
     rng = np.random.default_rng(0)
@@ -217,7 +224,8 @@ def test_auto_score_terms_pick_the_best_validation_combination_and_prefer_fewer_
 
 
 def test_heat_map_follows_the_score_sdist_cells_point_at_a_small_lesion():
-    from cxr_oneclass.scoring import fit_score_stats, heatmap_kind
+    from cxr_oneclass.scoring.stats import fit_score_stats
+    from cxr_oneclass.scoring.terms import heatmap_kind
 
     assert heatmap_kind(resolve("paper", **TINY)) == "residual" and heatmap_kind(resolve("best", **TINY)) == "sdist"
     cfg = resolve("paper", epochs=1, score_terms="sdist", score_norm="standardised", **TINY)

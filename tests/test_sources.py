@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_oneclass.data.sources import Record, assign_splits, load_dataset
+from cxr_oneclass.data.types import Record
+
+from cxr_oneclass.data.specs import assign_splits, load_dataset
 from cxr_oneclass.errors import DataError
 
 from conftest import blob_images

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from cxr_oneclass.config import resolve
-from cxr_oneclass.train import fit
+from cxr_oneclass.training.loop import fit
 
 from conftest import blob_images
 

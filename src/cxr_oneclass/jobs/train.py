@@ -19,7 +19,7 @@ from ..runs import HISTORY_FILE, DataProvenance, save_run
 from ..scoring.calibration import Calibration
 from ..scoring.inference import score_images
 from ..scoring.selection import fit_score_and_calibration, select_score_terms
-from ..scoring.stats import attach_stats, fit_score_stats, needs_stats
+from ..scoring.stats import fit_score_stats, needs_stats
 from ..training import distributed
 from ..training.loop import fit
 
@@ -56,8 +56,6 @@ def train_run(cfg: Config, data: str | Dataset, out_dir: str | Path, progress: b
 
     def on_epoch_end(model: OneClassGAN, row: dict) -> None:
         # Validation AUC per epoch: for the user's eyes (and later model selection); never the test split.
-        if model.stats is None:
-            attach_stats(model)
         if needs_stats(cfg) and (val_has_both or monitor):
             # A subset of the training normals is enough for a per-epoch reading and keeps monitoring cheap; the
             # statistics saved with the model are fitted on all of them after training.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..model.networks import OneClassGAN
+from ..model.networks import OneClassGAN, build_model
 from ..runtime import exact_fp32, to_model_range
 from .inference import forward, inference_model, score_images
 from .terms import TERM_BY_NAME, TERM_NAMES, TERMS, score_term_names
@@ -36,6 +36,11 @@ class ScoreStats(nn.Module):
 def new_score_stats(cfg: Config) -> ScoreStats:
     """Unfitted statistics for `cfg`'s score (identity whitening, no centring)."""
     return ScoreStats(cfg)
+
+
+def build_scoring_model(cfg: Config) -> OneClassGAN:
+    """A new model of `cfg` with unfitted score statistics: scores as-is (identity whitening, no centring)."""
+    return attach_stats(build_model(cfg))
 
 
 def attach_stats(model: OneClassGAN) -> OneClassGAN:

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from ..config import Config
 from ..errors import DataError
 from ..model import losses
-from ..model.networks import OneClassGAN, build_model
+from ..model.networks import OneClassGAN
 from ..runtime import autocast, pick_device, seed_everything, to_model_range
+from ..scoring.stats import build_scoring_model
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class Trainer:
         # On CPU this is the same generator (and so the same draws) as before.
         self.noise_gen = self.gen if self.device.type == "cpu" else torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.memory_format = torch.channels_last if self.tuning.channels_last else torch.contiguous_format
-        self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)
+        # With unfitted score statistics, so that it can be scored while it trains (fitted after training).
+        self.model = build_scoring_model(cfg).to(self.device, memory_format=self.memory_format)
         distributed.broadcast_module(self.model)
         fused = self.tuning.fused_adam
         self.opt_g = _adam(self.model.generator_parameters(), cfg, fused)

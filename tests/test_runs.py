@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from cxr_oneclass.checkpoint import load_run, save_run
+from cxr_oneclass.runs import load_run, save_run
 from cxr_oneclass.config import resolve
 from cxr_oneclass.errors import RunError
-from cxr_oneclass.scoring import fit_calibration, score_images
-from cxr_oneclass.train import fit
+from cxr_oneclass.scoring.calibration import fit_calibration
+from cxr_oneclass.scoring.inference import score_images
+from cxr_oneclass.training.loop import fit
 
 from conftest import blob_images
 
@@ -18,7 +19,7 @@ def test_saved_and_reloaded_model_scores_identically(tmp_path):
     images = blob_images(6, 32, seed=2, abnormal=True)
     before = score_images(model, images)["score"]
     cal = fit_calibration(before, np.array([0, 0, 0, 1, 1, 1]))
-    save_run(tmp_path / "run", model, cfg, cal, {"data": "x"})
+    save_run(tmp_path / "run", model, cal, {"data": "x"})
     loaded, cal2, doc = load_run(tmp_path / "run")
     np.testing.assert_array_equal(score_images(loaded, images)["score"], before)
     assert cal2 == cal
@@ -33,9 +34,9 @@ def test_missing_or_broken_runs_give_clear_errors(tmp_path):
     with pytest.raises(RunError, match="no trained model"):
         load_run(tmp_path / "empty")
     cfg = resolve("paper", image_size=32, width=8)
-    from cxr_oneclass.nets import build_model
+    from cxr_oneclass.model.networks import build_model
 
-    save_run(tmp_path / "r", build_model(cfg), cfg, None)
+    save_run(tmp_path / "r", build_model(cfg), None)
     doc = json.loads((tmp_path / "r" / "config.json").read_text())
     doc["config"]["width"] = 16  # weights no longer match
     (tmp_path / "r" / "config.json").write_text(json.dumps(doc))
@@ -49,7 +50,7 @@ def test_runs_saved_before_the_sdist_term_still_load_and_score_the_same(tmp_path
 
     cfg = resolve("paper", image_size=32, width=8, batch_size=16, epochs=1)
     model = fit(cfg, blob_images(32, 32, seed=1), progress=False).model
-    save_run(tmp_path / "run", model, cfg, None)
+    save_run(tmp_path / "run", model, None)
     path = tmp_path / "run" / "model.safetensors"
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("stats.sd_")}
     state["stats.center"], state["stats.scale"] = state["stats.center"][:5], state["stats.scale"][:5]

@@ -1,12 +1,15 @@
-"""workflow.rescore_run: another anomaly score on a trained run, without retraining."""
+"""jobs.rescore.rescore_run: another anomaly score on a trained run, without retraining."""
 
 import pytest
 import torch
 
-from cxr_oneclass.checkpoint import load_run
+from cxr_oneclass.scoring.terms import TERM_INDEX
+
+from cxr_oneclass.runs import load_run
 from cxr_oneclass.config import resolve
 from cxr_oneclass.errors import ConfigError
-from cxr_oneclass.workflow import rescore_run, train_run
+from cxr_oneclass.jobs.rescore import rescore_run
+from cxr_oneclass.jobs.train import train_run
 
 
 def test_rescore_keeps_weights_and_changes_only_the_score(tmp_path, folder_dataset):
@@ -19,7 +22,7 @@ def test_rescore_keeps_weights_and_changes_only_the_score(tmp_path, folder_datas
     assert doc["rescored_from"] == str(tmp_path / "run") and cal is not None and out.val_auc is not None
     for (k, a), b in zip(old.U.state_dict().items(), new.U.state_dict().values()):
         assert torch.equal(a, b), k
-    assert float(new.stats.scale[3]) != 1.0  # ssim standardised on validation normals
+    assert float(new.stats.scale[TERM_INDEX["ssim"]]) != 1.0  # ssim standardised on validation normals
     with pytest.raises(ConfigError, match="rescore changes only"):
         rescore_run(tmp_path / "run", tmp_path / "bad", width=16)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cxr_oneclass.config import ConfigError, resolve
-from cxr_oneclass.nets import Discriminator, Encoder, build_model
+from cxr_oneclass.model.networks import Discriminator, Encoder, build_model
 
 
 def test_paper_encoder_has_five_layers_and_latent_100():
