@@ -11,9 +11,11 @@ import cxr_oneclass
 from cxr_oneclass.jobs.score import score_paths
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_move"
-# Batch norm is folded with torch's fuse_conv_bn_eval since the move; the hand-written folding it replaced rounded
-# differently (about 1 float32 ulp per fused weight). The move itself reproduced the scores bit for bit.
-RTOL = 0.0  # bit for bit until the switch to fuse_conv_bn_eval
+# The move reproduced every number bit for bit (commit "Layout: ..."). Batch norm has since been folded by torch's
+# fuse_conv_bn_eval, which rounds E's fused weights differently from the hand-written folding it replaced (about 1
+# float32 ulp): the scores of both fixtures are still bit for bit, enc moves by 6e-8 and fdist on E's latent by
+# 1.5e-3 (relative), because its whitening magnifies rounding in this 1-epoch, width-4 model's near-constant latent.
+TERM_RTOL = {"enc": 1e-6, "fdist": 5e-3}
 
 
 @pytest.mark.parametrize("preset", ["best", "paper"])
@@ -23,8 +25,10 @@ def test_a_run_saved_before_the_move_scores_as_it_did(preset):
     assert not errors and len(results) == len(ref) == 8
     for r in results:
         want = ref[Path(r.source).name]
-        for key, got in [("score", r.score), *r.terms.items()]:
-            assert got == pytest.approx(float(want[key]), rel=RTOL, abs=RTOL), (r.source, key)
+        assert r.score == float(want["score"]), r.source  # bit for bit
+        for key, got in r.terms.items():
+            rtol = TERM_RTOL.get(key, 0.0)
+            assert got == pytest.approx(float(want[key]), rel=rtol, abs=rtol), (r.source, key)
 
 
 def test_the_api_gives_the_cli_scores(tmp_path):

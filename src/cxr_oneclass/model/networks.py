@@ -12,6 +12,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import fuse_conv_bn_eval
 
 from ..config import Config
 from .geometry import encoder_channels
@@ -163,25 +164,9 @@ def build_model(cfg: Config) -> OneClassGAN:
 
 # ----------------------------------------------------------------------------------------- inference copy
 
-def _fold_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
-    """A copy of `conv` (Conv2d or ConvTranspose2d) with eval-mode `bn` folded in: conv(x)·s + t with
-    s = γ/√(var+ε), t = β − mean·s, as new weights (output channels scaled by s) and a bias."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() - bn.running_mean * scale
-    fused = type(conv)(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True
-    )
-    w = conv.weight.detach()
-    # Conv2d weights are (out, in, kh, kw); ConvTranspose2d weights are (in, out, kh, kw).
-    view = (-1, 1, 1, 1) if isinstance(conv, nn.Conv2d) else (1, -1, 1, 1)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(shift)
-    with torch.no_grad():
-        fused.weight.copy_(w * scale.reshape(view))
-        fused.bias.copy_(bias * scale + shift)
-    return fused.to(device=w.device)
-
-
 def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
+    """A copy of `seq` with each (conv or transposed conv, batch norm) pair fused into one convolution by torch's
+    `fuse_conv_bn_eval` (eval-mode statistics)."""
     mods = list(seq)
     out: list[nn.Module] = []
     i = 0
@@ -189,7 +174,8 @@ def _fold_sequential(seq: nn.Sequential) -> nn.Sequential:
         m = mods[i]
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(nxt, nn.BatchNorm2d):
-            out.append(_fold_bn(m, nxt))
+            # ConvTranspose2d weights are (in, out, kh, kw): `transpose` scales their second axis.
+            out.append(fuse_conv_bn_eval(m.eval(), nxt.eval(), transpose=isinstance(m, nn.ConvTranspose2d)))
             i += 2
         else:
             out.append(copy.deepcopy(m))
