@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test lint bench setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(VENV)/bin/cxr-oneclass demo --out runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks research tools
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks research tools
 
 # Training and scoring speed vs. this machine's compute ceiling (ARGS=--quick for a smoke test, --ablate for more).
 bench: $(STAMP)

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -38,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cxr_oneclass.config import replace, resolve  # noqa: E402
 from cxr_oneclass.io_utils import write_json  # noqa: E402
-from cxr_oneclass.scoring.stats import build_scoring_model as build_model  # noqa: E402
 from cxr_oneclass.runtime import autocast, bf16_native, to_model_range  # noqa: E402
 from cxr_oneclass.scoring.inference import score_tensor  # noqa: E402
+from cxr_oneclass.scoring.stats import build_scoring_model as build_model  # noqa: E402
 from cxr_oneclass.training.loop import Trainer, Tuning  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,7 +78,7 @@ def matmul_gflops(dtype: torch.dtype, n_max: int, budget_s: float, device: torch
     n, best = 256, None
     while True:
         a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-        t = timed(lambda: a @ b, reps=3, min_seconds=min(0.5, budget_s / 4))
+        t = timed(lambda a=a, b=b: a @ b, reps=3, min_seconds=min(0.5, budget_s / 4))
         best = {"n": n, "gflops": 2 * n**3 / t / 1e9, "gflops_cpu": 2 * n**3 / CPU_SECONDS[0] / 1e9}
         if n >= n_max or t * 8 * 4 > budget_s:
             return best

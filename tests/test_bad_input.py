@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import blob_images
 from cxr_oneclass.data.images import load_image, read_image
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.errors import DataError, ImageError
-
-from conftest import blob_images
 from test_dicom import make_dataset, ramp
 
 

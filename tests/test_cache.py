@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import blob_images, write_folder_dataset
 from cxr_oneclass.data import decode as sources
 from cxr_oneclass.data.cache import ImageCache, cache_root, file_key
-from cxr_oneclass.data.types import Record
 from cxr_oneclass.data.decode import decode_records
 from cxr_oneclass.data.specs import load_dataset
-
-from conftest import blob_images, write_folder_dataset
+from cxr_oneclass.data.types import Record
 
 
 @pytest.fixture

@@ -92,8 +92,8 @@ def test_clear_errors_without_traceback(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "norun")]) == 2
     assert main(["train", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "r"), *TINY]) == 2
     (tmp_path / "d" / "abnormal").mkdir(parents=True)
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "d" / "abnormal" / "a.png")
     assert main(["train", "--data", f"folder:{tmp_path / 'd'}", "--out", str(tmp_path / "r"), *TINY]) == 2
@@ -104,9 +104,8 @@ def test_clear_errors_without_traceback(tmp_path, capsys):
 
 def test_history_is_written_every_epoch(tmp_path, monkeypatch):
     from conftest import write_folder_dataset
-
-    from cxr_oneclass.jobs import train as workflow
     from cxr_oneclass.config import resolve
+    from cxr_oneclass.jobs import train as workflow
 
     written = []
     real = workflow.write_csv

@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_oneclass.runs import load_run, save_run
-from cxr_oneclass.config import resolve
-from cxr_oneclass.runtime import exact_fp32
-from cxr_oneclass.scoring.stats import fit_score_stats
-from cxr_oneclass.scoring.inference import score_images
-from cxr_oneclass.training.loop import fit
-
 from conftest import blob_images
+from cxr_oneclass.config import resolve
+from cxr_oneclass.runs import load_run, save_run
+from cxr_oneclass.runtime import exact_fp32
+from cxr_oneclass.scoring.inference import score_images
+from cxr_oneclass.scoring.stats import fit_score_stats
+from cxr_oneclass.training.loop import fit
 
 TINY = dict(image_size=32, width=8, batch_size=16, epochs=1, num_threads=1)
 

@@ -11,12 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cxr_oneclass.training import distributed
+from conftest import blob_images
 from cxr_oneclass.config import resolve
 from cxr_oneclass.data.types import Dataset, ImageSet
 from cxr_oneclass.jobs.train import train_run
-
-from conftest import blob_images
+from cxr_oneclass.training import distributed
 
 TINY = dict(image_size=32, width=8, batch_size=16, epochs=2, num_threads=1, device="cpu")
 

@@ -9,17 +9,16 @@ import onnx
 import pytest
 from PIL import Image
 
-from cxr_oneclass.runs import save_run
+from conftest import blob_images
 from cxr_oneclass.cli import main
 from cxr_oneclass.config import resolve
-from cxr_oneclass.scoring.onnx import OnnxScorer, export_onnx
 from cxr_oneclass.jobs.export import export_run
+from cxr_oneclass.jobs.score import score_paths
+from cxr_oneclass.runs import save_run
 from cxr_oneclass.scoring.calibration import fit_calibration
 from cxr_oneclass.scoring.inference import score_images
+from cxr_oneclass.scoring.onnx import OnnxScorer, export_onnx
 from cxr_oneclass.training.loop import fit
-from cxr_oneclass.jobs.score import score_paths
-
-from conftest import blob_images
 
 TINY = dict(image_size=32, width=8, batch_size=16, num_threads=1)
 

@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 from cxr_oneclass.data import nih, rsna
-from cxr_oneclass.data.types import Record
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.splits import SplitSizes, fit_sizes, parse_source_arg, split_by_patient_with_sizes
+from cxr_oneclass.data.types import Record
 from cxr_oneclass.errors import DataError
-
 from test_dicom import ramp, write_dicom, write_jpeg_dicom
 
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import blob_images
 from cxr_oneclass.config import resolve
 from cxr_oneclass.model.networks import fold_batchnorm
-from cxr_oneclass.scoring.stats import build_scoring_model as build_model
 from cxr_oneclass.scoring.inference import inference_model, score_images, score_tensor
+from cxr_oneclass.scoring.stats import build_scoring_model as build_model
 from cxr_oneclass.training.loop import Tuning, fit
-
-from conftest import blob_images
 
 TINY = dict(image_size=32, width=8, batch_size=16, num_threads=1)
 

@@ -12,9 +12,9 @@ import torch
 
 from cxr_oneclass.cli import main
 from cxr_oneclass.config import resolve
+from cxr_oneclass.jobs.evaluate import evaluate_run
 from cxr_oneclass.jobs.experiment import ExperimentPlan, run_experiment
 from cxr_oneclass.jobs.report import FIG_DIR, TEST_AUC_LABEL, write_report
-from cxr_oneclass.jobs.evaluate import evaluate_run
 from cxr_oneclass.jobs.train import train_run
 
 DATA = "phantom:n_train=32,n_val_normal=8,n_val_abnormal=10,n_test_normal=8,n_test_abnormal=10"
@@ -93,7 +93,7 @@ def test_experiment_subgroups_by_kind(experiment_report):
 def test_experiment_markdown_links_existing_pngs(experiment, experiment_report):
     md = (experiment / "report.md").read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 4 and all(l.startswith(f"{FIG_DIR}/") and l.endswith(".png") for l in links)
+    assert len(links) == 4 and all(link.startswith(f"{FIG_DIR}/") and link.endswith(".png") for link in links)
     for link in links:
         png = experiment / link
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,7 +137,7 @@ def test_single_run_report(tmp_path):
     doc = json.loads((run / "config.json").read_text())
     assert f"{doc['score_selection']['chosen']}, chosen on validation" in html  # best preset: says what validation chose
     md = (run / "report.md").read_text(encoding="utf-8")
-    assert all((run / l).is_file() for l in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
+    assert all((run / link).is_file() for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
 
 
 def test_rewritten_report_leaves_no_stale_figures(experiment, tmp_path):

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from cxr_oneclass.scoring.terms import TERM_INDEX
-
-from cxr_oneclass.runs import load_run
 from cxr_oneclass.config import resolve
 from cxr_oneclass.errors import ConfigError
 from cxr_oneclass.jobs.rescore import rescore_run
 from cxr_oneclass.jobs.train import train_run
+from cxr_oneclass.runs import load_run
+from cxr_oneclass.scoring.terms import TERM_INDEX
 
 
 def test_rescore_keeps_weights_and_changes_only_the_score(tmp_path, folder_dataset):

@@ -1,16 +1,16 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
-from cxr_oneclass.runs import load_run, save_run
+from conftest import blob_images
 from cxr_oneclass.config import resolve
 from cxr_oneclass.errors import RunError
+from cxr_oneclass.runs import load_run, save_run
 from cxr_oneclass.scoring.calibration import fit_calibration
 from cxr_oneclass.scoring.inference import score_images
 from cxr_oneclass.training.loop import fit
-
-from conftest import blob_images
 
 
 def test_saved_and_reloaded_model_scores_identically(tmp_path):
@@ -59,3 +59,39 @@ def test_runs_saved_before_the_sdist_term_still_load_and_score_the_same(tmp_path
     images = blob_images(4, 32, seed=3, abnormal=True)
     np.testing.assert_allclose(score_images(loaded, images)["score"], score_images(model, images)["score"], rtol=1e-6)
     assert loaded.stats.center.shape == (6,) and float(loaded.stats.scale[5]) == 1.0
+
+
+def test_run_files_respect_the_umask(tmp_path):
+    """Run folders are shared by a team: files get what the umask allows any new file, not mkstemp's 0600."""
+    import os
+    import stat
+
+    from cxr_oneclass.io_utils import _umask
+
+    cfg = resolve("paper", image_size=32, width=8, batch_size=16, epochs=1)
+    model = fit(cfg, blob_images(16, 32, seed=1), progress=False).model
+    save_run(tmp_path / "run", model, None)
+    want = 0o666 & ~_umask()
+    assert want & 0o044, "this test needs a umask that lets group/others read"
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "run" / name).st_mode) == want, name
+
+
+def test_standardisation_slots_are_mapped_by_name(tmp_path):
+    """A checkpoint records which term each centre/scale slot belongs to, so the table's order may change."""
+    from safetensors.torch import load_file, save_file
+
+    from cxr_oneclass.runs import SLOT_NAMES_KEY
+    from cxr_oneclass.scoring.terms import TERM_INDEX, TERM_NAMES
+
+    cfg = resolve("paper", image_size=32, width=8, batch_size=16, epochs=1)
+    model = fit(cfg, blob_images(16, 32, seed=1), progress=False).model
+    model.stats.center.copy_(torch.arange(len(TERM_NAMES), dtype=torch.float32))
+    save_run(tmp_path / "run", model, None)
+    path = tmp_path / "run" / "model.safetensors"
+    state = load_file(str(path))
+    order = list(reversed(TERM_NAMES))  # as a table in another order would have saved it
+    state["stats.center"] = torch.tensor([float(TERM_INDEX[n]) for n in order])
+    save_file(state, str(path), metadata={SLOT_NAMES_KEY: json.dumps(order)})
+    loaded, _, _ = load_run(tmp_path / "run")
+    assert loaded.stats.center.tolist() == list(range(len(TERM_NAMES)))

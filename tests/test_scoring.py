@@ -2,16 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_oneclass.scoring.terms import TERM_INDEX
-
+from conftest import blob_images
 from cxr_oneclass.config import resolve
 from cxr_oneclass.metrics import auc, operating_point
-from cxr_oneclass.scoring.stats import build_scoring_model as build_model
 from cxr_oneclass.scoring.calibration import fit_calibration
 from cxr_oneclass.scoring.inference import score_images, score_tensor
+from cxr_oneclass.scoring.stats import build_scoring_model as build_model
+from cxr_oneclass.scoring.terms import TERM_INDEX
 from cxr_oneclass.training.loop import fit
-
-from conftest import blob_images
 
 TINY = dict(image_size=32, width=8, batch_size=16, num_threads=2)
 
@@ -100,9 +98,8 @@ def test_ssim_map_is_one_for_identical_images_and_lower_for_changed_structure():
 def test_fdist_is_the_mahalanobis_distance_of_training_features():
     from sklearn.covariance import LedoitWolf
 
-    from cxr_oneclass.scoring.stats import fit_score_stats
-
     from cxr_oneclass.scoring.inference import inference_model
+    from cxr_oneclass.scoring.stats import fit_score_stats
 
     model = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
     train = blob_images(48, 32, seed=1)
@@ -174,10 +171,9 @@ def test_fdist_fits_on_very_few_training_normals():
 def test_sdist_is_the_mahalanobis_distance_of_the_pooled_first_map_and_flags_a_small_lesion():
     from sklearn.covariance import LedoitWolf
 
-    from cxr_oneclass.scoring.terms import sdist_shape
-    from cxr_oneclass.scoring.stats import fit_score_stats
     from cxr_oneclass.scoring.inference import inference_model
-    from cxr_oneclass.scoring.terms import sdist_grid
+    from cxr_oneclass.scoring.stats import fit_score_stats
+    from cxr_oneclass.scoring.terms import sdist_grid, sdist_shape
 
     model = fit(resolve("paper", epochs=1, **TINY), blob_images(48, 32, seed=1), progress=False).model
     train = blob_images(64, 32, seed=1)
@@ -205,8 +201,8 @@ def test_sdist_is_the_mahalanobis_distance_of_the_pooled_first_map_and_flags_a_s
 
 def test_auto_score_terms_pick_the_best_validation_combination_and_prefer_fewer_terms():
     from cxr_oneclass.config import ConfigError
-    from cxr_oneclass.scoring.stats import new_score_stats
     from cxr_oneclass.scoring.selection import select_score_terms
+    from cxr_oneclass.scoring.stats import new_score_stats
 
     stats = new_score_stats(resolve("best", **TINY))
     rng = np.random.default_rng(0)

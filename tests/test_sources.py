@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_oneclass.data.types import Record
-
-from cxr_oneclass.data.specs import assign_splits, load_dataset
-from cxr_oneclass.errors import DataError
-
 from conftest import blob_images
+from cxr_oneclass.data.specs import assign_splits, load_dataset
+from cxr_oneclass.data.types import Record
+from cxr_oneclass.errors import DataError
 
 
 def _write_manifest(root, rows, header=("file", "label", "patient_id")):

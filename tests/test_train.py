@@ -1,10 +1,9 @@
 import numpy as np
 import torch
 
+from conftest import blob_images
 from cxr_oneclass.config import resolve
 from cxr_oneclass.training.loop import fit
-
-from conftest import blob_images
 
 TINY = dict(image_size=32, width=8, batch_size=16, num_threads=2)
 

@@ -15,15 +15,16 @@ Scores are on the run's calibrated scale (0 and 1 = lowest and highest validatio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from .config import DEFAULT_PRESET, Config, resolve
 from .data.types import Dataset
 from .errors import ImageError
-from .jobs.score import NOT_SCORED, Scorer, ScoredImage, array_to_image, iter_scores
+from .jobs.score import NOT_SCORED, ScoredImage, Scorer, array_to_image, iter_scores
 from .jobs.train import train_run
 from .scoring.calibration import Calibration
 

@@ -61,9 +61,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .jobs.train import train_run
     from .runtime import pick_device
     from .training import distributed
-    from .jobs.train import train_run
 
     cfg = config_from_args(args)
     # Under torchrun (WORLD_SIZE > 1): data-parallel training; every rank trains, rank 0 writes and prints.
@@ -89,7 +89,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .jobs.evaluate import evaluate_run
-
     from .runs import METRICS_FILE, SCORES_FILE, eval_dir
 
     out = Path(args.out) if args.out else eval_dir(args.run, args.split)

@@ -1,14 +1,16 @@
-"""Atomic file writes: write to a temp file beside the target, then rename, so nothing is left half-written."""
+"""Atomic file writes: write to a temp file beside the target, then rename, so nothing is left half-written.
+Files get the permissions the process's umask gives any new file (a team shares run folders)."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager
@@ -20,10 +22,21 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (for secrets), and some writers (safetensors) set it again: these are results to share.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it and putting it back, which is not safe while
+    other threads create files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(target: str | Path, text: str) -> None:

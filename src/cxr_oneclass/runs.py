@@ -79,11 +79,11 @@ class DataProvenance:
         return {"data": self.spec, "split_seed": self.split_seed}
 
     @classmethod
-    def of(cls, ds: Dataset) -> "DataProvenance":
+    def of(cls, ds: Dataset) -> DataProvenance:
         return cls(ds.spec, ds.split_seed)
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any], run_dir: str | Path | None = None) -> "DataProvenance | None":
+    def from_doc(cls, doc: dict[str, Any], run_dir: str | Path | None = None) -> DataProvenance | None:
         """From a config.json; None when it records no data. Runs written before the split seed was recorded
         were split with their model seed, except an experiment's runs, which used the experiment's split seed."""
         spec = doc.get("data")

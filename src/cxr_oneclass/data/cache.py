@@ -79,7 +79,7 @@ class ImageCache:
         self.written = 0
 
     @classmethod
-    def from_env(cls, image_size: int) -> "ImageCache | None":
+    def from_env(cls, image_size: int) -> ImageCache | None:
         root = cache_root()
         return None if root is None else cls(root, image_size)
 

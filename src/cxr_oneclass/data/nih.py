@@ -31,7 +31,6 @@ import logging
 from pathlib import Path
 
 from ..errors import DataError
-from .types import Record
 from .splits import (
     SIZE_KEYS,
     SplitSizes,
@@ -43,6 +42,7 @@ from .splits import (
     split_by_patient_with_sizes,
     split_list,
 )
+from .types import Record
 
 log = logging.getLogger(__name__)
 

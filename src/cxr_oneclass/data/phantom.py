@@ -329,7 +329,6 @@ def _blur(img, w):
 
 def _render_chunk(keys, size: int, kind: str, severity: float):
     p, rngs = _normal_params(keys)
-    n = len(keys)
     X, Y = _grid(p, size)
     comp = _anatomy(X, Y, p)
     A = comp["A"] = _compose(comp)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from ..errors import DataError
 from .nih import open_text
-from .types import Record
 from .splits import (
     SIZE_KEYS,
     SplitSizes,
@@ -39,6 +38,7 @@ from .splits import (
     sizes_from_options,
     split_by_patient_with_sizes,
 )
+from .types import Record
 
 log = logging.getLogger(__name__)
 

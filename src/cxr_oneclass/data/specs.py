@@ -7,8 +7,8 @@ import dataclasses
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -45,7 +45,7 @@ class ImageSet:
     def n_abnormal(self) -> int:
         return int((self.labels == 1).sum())
 
-    def subset(self, idx: np.ndarray) -> "ImageSet":
+    def subset(self, idx: np.ndarray) -> ImageSet:
         idx = np.asarray(idx)
         return ImageSet(
             self.images[idx],

@@ -72,7 +72,7 @@ def run_demo(out_dir: str | Path = "runs/demo", epochs: int | None = None, seed:
                     heat_label=heat_label, heat_max=heat_max)
     write_csv(
         out / "scores.csv",
-        [{"file": n, "kind": k, "label": int(l), "score": s} for n, k, l, s in zip(test.names, kinds, test.labels, scored["normalised"])],
+        [{"file": n, "kind": k, "label": int(y), "score": s} for n, k, y, s in zip(test.names, kinds, test.labels, scored["normalised"])],
     )
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "metrics.json", metrics)

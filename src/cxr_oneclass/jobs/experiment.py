@@ -15,9 +15,9 @@ import json
 import logging
 import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..config import Config, method_config
 from ..data.specs import load_dataset
@@ -149,7 +149,7 @@ def write_results(plan: ExperimentPlan, rows: list[dict]) -> None:
         lines.append(
             f"| {s['method']} | {_fmt(s['auc_mean'], s['auc_std'])} | {comps} | "
             f"{_fmt(s['val_auc_mean'], s['val_auc_std'])} | {_fmt(s['train_seconds_mean'], s['train_seconds_std'], 0)} | "
-            f"{_fmt(s['images_per_s_mean'], s['images_per_s_std'], 1)} | {'%.3f / %.3f' % paper if paper else '–'} |"
+            f"{_fmt(s['images_per_s_mean'], s['images_per_s_std'], 1)} | {f'{paper[0]:.3f} / {paper[1]:.3f}' if paper else '–'} |"
         )
     lines += ["", "AUC columns per term: the test AUC that term gives on its own (analysis; the score uses the config's terms)."]
     write_text(plan.out / md, "\n".join(lines) + "\n")

@@ -15,7 +15,6 @@ import html
 import json
 import logging
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,19 @@ from ..errors import RunError
 from ..io_utils import write_text
 from ..metrics import auc as auc_of
 from ..metrics import operating_point, threshold_at_sensitivity
-from ..runs import (CONFIG_FILE, EXPERIMENT_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, RESULTS_FILES, SCORES_FILE,
-                    DataProvenance, experiment_of, experiment_runs, find_eval, is_run)
+from ..runs import (
+    CONFIG_FILE,
+    EXPERIMENT_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RESULTS_FILES,
+    SCORES_FILE,
+    DataProvenance,
+    experiment_runs,
+    find_eval,
+    is_run,
+)
 from ..scoring.terms import HEATMAP_DISPLAY, RESIDUAL, TERM_NAMES, heatmap_kind
 from ..viz import save_fig
 
@@ -250,11 +260,11 @@ def _summary_section(src: Source) -> Section:
             text_lines, table_lines = [], []
             for line in src.results_md.splitlines():
                 (table_lines if line.startswith("|") else text_lines).append(line)
-            text = " ".join(l for l in text_lines if l and not l.startswith("#"))
+            text = " ".join(line for line in text_lines if line and not line.startswith("#"))
             if text:
                 s.p("Results (results.md): " + text)
             if len(table_lines) >= 2:
-                cells = [[c.strip() for c in l.strip().strip("|").split("|")] for l in table_lines]
+                cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table_lines]
                 s.table(cells[0], [c for c in cells[1:] if not all(set(x) <= set("-: ") for x in c)])
         else:
             s.note("results.md not found (the experiment may still be running).")

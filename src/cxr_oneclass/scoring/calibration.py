@@ -34,7 +34,7 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
+    def from_dict(cls, d: dict) -> Calibration:
         return cls(**d)
 
 

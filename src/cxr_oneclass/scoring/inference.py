@@ -84,7 +84,7 @@ def score_tensor(model: OneClassGAN, x: torch.Tensor, precision: str = "fp32", c
 
 # Eval-only copies for scoring, one per (model, precision), rebuilt when the model's weights or statistics change
 # (in-place updates bump a tensor's version; moving the model gives new storage).
-_INFERENCE: "weakref.WeakKeyDictionary[OneClassGAN, dict]" = weakref.WeakKeyDictionary()
+_INFERENCE: weakref.WeakKeyDictionary[OneClassGAN, dict] = weakref.WeakKeyDictionary()
 
 
 def inference_model(model: OneClassGAN, precision: str = "fp32") -> OneClassGAN:

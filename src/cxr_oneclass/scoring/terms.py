@@ -14,8 +14,9 @@ A leaf of the package: it imports only `model.geometry`, so that `config` can im
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch

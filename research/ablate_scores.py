@@ -1,8 +1,8 @@
 """Score ablation on validation splits: one trained run per seed, every candidate score refitted on it.
 
-    python scripts/ablate_scores.py --data SPEC --runs runs/a-s0 runs/a-s1 runs/a-s2 [--out table.md]
+    python research/ablate_scores.py --runs runs/a-s0 runs/a-s1 runs/a-s2 [--data SPEC] [--out table.md]
 
-Each candidate is `workflow.rescore_run` on the same weights (statistics fitted on train normals and validation
+Each candidate is `jobs.rescore.rescore_run` on the same weights (each run's own recorded split unless --data) (statistics fitted on train normals and validation
 normals), so the table isolates what the score measures. Prints validation AUC mean ± std over the runs, as
 Markdown. Never loads the test split.
 """
@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_oneclass.runs import read_run_config
-from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.jobs.rescore import rescore_run
 
 # (label, score_terms, score_norm, fdist_features), one change at a time from the paper's score
@@ -38,17 +36,15 @@ CANDIDATES = [
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="data spec (default: the data and split each run recorded)")
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--out", help="also write the Markdown table here")
     args = p.parse_args()
-    cfg = read_run_config(args.runs[0])["config"]
-    ds = load_dataset(args.data, cfg["image_size"], cfg["seed"], splits=("train", "val"))
     table: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:
             for label, terms, norm, feats in CANDIDATES:
-                out = rescore_run(run, Path(tmp) / "r", ds, score_terms=terms, score_norm=norm, fdist_features=feats)
+                out = rescore_run(run, Path(tmp) / "r", args.data, score_terms=terms, score_norm=norm, fdist_features=feats)
                 table.setdefault(label, []).append(float(out.val_auc))
                 print(f"{run} {label}: {out.val_auc:.4f}", flush=True)
     lines = [f"| score (validation AUC, {len(args.runs)} runs) | mean ± std | per run |", "|---|---|---|"]

@@ -1,7 +1,7 @@
 """Exploration for the `best` preset (validation only): train a config, print validation AUC of candidate scores.
 
-    python scripts/explore_best.py --data SPEC --out runs/explore2/NAME --set width=32 epochs=20 ...
-    python scripts/explore_best.py --data SPEC --out runs/explore2/NAME --rescore   # reuse a trained model
+    python research/explore_best.py --data SPEC --out runs/explore2/NAME --set width=32 epochs=20 ...
+    python research/explore_best.py --data SPEC --out runs/explore2/NAME --rescore   # reuse a trained model
 
 Candidates: the paper's rec/adv/enc, pooled/gradient/SSIM residuals, the paper's L_F feature distance between U's
 encoder on x and E on x', Mahalanobis distances of pooled encoder / discriminator features and of the latent
@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from cxr_oneclass.runs import load_run
 from cxr_oneclass.config import resolve
 from cxr_oneclass.data.specs import load_dataset
+from cxr_oneclass.jobs.train import train_run
 from cxr_oneclass.metrics import auc
+from cxr_oneclass.runs import load_run
 from cxr_oneclass.runtime import to_model_range
 from cxr_oneclass.scoring.terms import ssim_map
-from cxr_oneclass.jobs.train import train_run
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:

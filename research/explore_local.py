@@ -1,6 +1,6 @@
 """Exploration of local (per-position) feature scores for a trained run, validation only.
 
-    python scripts/explore_local.py --run runs/demo/run --data SPEC [--fit-max 1000]
+    python research/explore_local.py --run runs/demo/run --data SPEC [--fit-max 1000]
 
 For each encoder level of U (on x) and of E (on x'), fits on training normals: a per-position diagonal Gaussian
 (score = max or top-k mean over positions of the summed squared z-scores), a per-position Gaussian with a shared
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from cxr_oneclass.runs import load_run
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.metrics import auc
+from cxr_oneclass.runs import load_run
 from cxr_oneclass.runtime import to_model_range
 from cxr_oneclass.scoring.terms import ssim_map
 
