@@ -1,8 +1,8 @@
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from conftest import blob_images
 from cxr_oneclass.config import resolve

@@ -165,3 +165,15 @@ def test_score_terms_are_listed_only_in_the_term_table():
             if len(words) >= 2 and words <= TERM_WORDS:
                 offenders.append(f"{path.relative_to(PKG)}:{node.lineno} {sorted(words)}")
     assert not offenders, offenders
+
+
+def test_the_readme_python_api_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src"), "CXR_ONECLASS_CACHE": "off"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and (tmp_path / "runs" / "api-example" / "model.safetensors").is_file()
+    assert lines[1].startswith("array[0] ") and lines[1].split()[1] in ("normal", "abnormal")
+    assert lines[2].startswith("no-such-file.png error None {}")
