@@ -53,6 +53,7 @@ def test_evaluating_an_experiment_run_without_data_uses_the_experiment_split(man
     run = experiment_run(plan.out, "u", 0)
     doc = json.loads((run.model_dir / "config.json").read_text())
     assert doc["split_seed"] == 7 and doc["data"] == f"csv:{manifest}"  # absolute, though given relative
+    assert json.loads((plan.out / "experiment.json").read_text())["data"] == f"csv:{manifest}"
     monkeypatch.chdir(tmp_path.parent)  # elsewhere: the recorded path still finds the data
     evaluate_run(run.model_dir, out_dir=tmp_path / "again")
     assert _names(tmp_path / "again" / "scores.csv") == _names(run.eval_dir / "scores.csv")

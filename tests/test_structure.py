@@ -177,3 +177,13 @@ def test_the_readme_python_api_example_runs(tmp_path):
     assert len(lines) == 3 and (tmp_path / "runs" / "api-example" / "model.safetensors").is_file()
     assert lines[1].startswith("array[0] ") and lines[1].split()[1] in ("normal", "abnormal")
     assert lines[2].startswith("no-such-file.png error None {}")
+
+
+def test_one_version_source_and_packaging_files():
+    import importlib.metadata
+
+    import cxr_oneclass
+
+    assert importlib.metadata.version("cxr-oneclass") == cxr_oneclass.__version__
+    assert (PKG / "py.typed").is_file() and "MIT License" in (ROOT / "LICENSE").read_text()
+    assert 'license = "MIT"' in (ROOT / "pyproject.toml").read_text()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, method_config
-from ..data.specs import load_dataset
+from ..data.specs import load_dataset, resolve_spec
 from ..data.types import Dataset
 from ..io_utils import write_csv, write_json, write_text
 from ..runs import EXPERIMENT_FILE, RESULTS_FILES, ExperimentRun, experiment_run
@@ -47,6 +47,10 @@ class ExperimentPlan:
     repeats: int
     base: Config
     split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.data = resolve_spec(self.data)  # recorded with absolute paths, like each run's own data
+        self.out = Path(self.out)
 
     def run(self, method: str, repeat: int) -> ExperimentRun:
         return experiment_run(self.out, method, self.base.seed + repeat)
