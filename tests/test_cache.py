@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import blob_images, write_folder_dataset
 from cxr_oneclass.data import decode as sources
-from cxr_oneclass.data.cache import ImageCache, cache_root, file_key
+from cxr_oneclass.data.cache import FORMAT, ImageCache, cache_root, file_key
 from cxr_oneclass.data.decode import decode_records
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.types import Record
@@ -61,9 +61,9 @@ def test_cache_root_from_env(monkeypatch, tmp_path):
 def test_second_load_reads_the_cache_without_decoding(tmp_path, cache_dir, monkeypatch):
     data = write_folder_dataset(tmp_path / "data")
     first = load_dataset(f"folder:{data}", 32)
-    shards = sorted((cache_dir / "v1" / "s32").glob("*.npy"))
-    assert shards and len(list((cache_dir / "v1" / "s32").glob("*.json"))) == len(shards)
-    assert not list((cache_dir / "v1" / "s32").glob("*.tmp"))
+    shards = sorted((cache_dir / FORMAT / "s32").glob("*.npy"))
+    assert shards and len(list((cache_dir / FORMAT / "s32").glob("*.json"))) == len(shards)
+    assert not list((cache_dir / FORMAT / "s32").glob("*.tmp"))
 
     def boom(path, size):
         raise AssertionError(f"decoded {path} although it is cached")
@@ -133,7 +133,7 @@ def test_interrupted_build_resumes(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(sources, "load_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         decode_records(recs, 16, workers=1)
-    assert len(list((cache_dir / "v1" / "s16").glob("*.json"))) == 1  # the 7 decoded were written
+    assert len(list((cache_dir / FORMAT / "s16").glob("*.json"))) == 1  # the 7 decoded were written
 
     calls.clear()
     monkeypatch.setattr(sources, "load_image", lambda p, s: (calls.append(Path(p).name), real(p, s))[1])

@@ -40,7 +40,7 @@ def run(tmp_path_factory):
 def test_export_checks_carries_metadata_and_matches_pytorch(run, tmp_path):
     root, model, cal = run
     info = export_run(root / "run", tmp_path / "m.onnx")
-    assert info["max_rel_diff"] < 1e-4
+    assert info["max_rel_diff"] < 1e-3  # of each output's scale (jobs/export.TOLERANCE)
     proto = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(proto)
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -72,7 +72,7 @@ def test_cli_export_then_score_with_onnx_only(run, tmp_path, capsys):
     root, _, _ = run
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", str(root / "run"), "--onnx", str(onnx_path)]) == 0
-    assert "max relative difference" in capsys.readouterr().out
+    assert "largest difference" in capsys.readouterr().out
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     assert main(["score", str(root / "run"), str(root / "images"), "--csv", str(a)]) == 0
     assert main(["score", "--onnx", str(onnx_path), str(root / "images"), "--csv", str(b), "--heatmaps", str(tmp_path / "hm")]) == 0
@@ -111,7 +111,7 @@ def test_best_preset_exports_its_fitted_score(tmp_path):
     fit_score_stats(model, blob_images(32, 32, seed=1), blob_images(12, 32, seed=2))
     save_run(tmp_path / "run", model, None)
     info = export_run(tmp_path / "run", tmp_path / "best.onnx")
-    assert info["max_rel_diff"] < 1e-4
+    assert info["max_rel_diff"] < 1e-3  # of each output's scale (jobs/export.TOLERANCE)
     probe = np.concatenate([blob_images(3, 32, seed=6), blob_images(3, 32, seed=7, abnormal=True)])
     got = OnnxScorer(tmp_path / "best.onnx").score(probe)
     ref = score_images(model, probe)

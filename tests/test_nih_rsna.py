@@ -40,11 +40,20 @@ def nih_rows(n_patients: int = 60) -> list[tuple[str, str, int, str, int]]:
     return rows
 
 
+def unique_ramp(side: int, i: int) -> np.ndarray:
+    """A ramp with a block whose place and brightness depend on i: every file differs, as real films do (the
+    loader refuses identical pixels in two splits)."""
+    img = ramp(side, side)
+    r, c = divmod(i % 16, 4)
+    img[4 * r + 2 : 4 * r + 5, 4 * c + 2 : 4 * c + 5] = 40 + 13 * (i // 16) % 200
+    return img
+
+
 def write_nih(root: Path, rows=None, label_name: str = "Data_Entry_2017.csv", gz: bool = False) -> Path:
     rows = nih_rows() if rows is None else rows
     lines = [NIH_HEADER]
-    img = ramp(20, 20)
     for i, (name, labels, pid, view, fu) in enumerate(rows):
+        img = unique_ramp(20, i)
         lines.append(f"{name},{labels},{fu},{pid},{30 + pid % 50},{'MF'[pid % 2]},{view},2500,2048,0.168,0.168,")
         d = root / f"images_{1 + i * 3 // len(rows):03d}" / "images"
         d.mkdir(parents=True, exist_ok=True)
@@ -230,9 +239,9 @@ def write_rsna(root: Path, n_normal: int = 24, n_opacity: int = 20, n_other: int
                 lw.writerow([pid, *([264.0 + b, 152.0, 213.0, 379.0] if boxes else ["", "", "", ""]), int(boxes > 0)])
                 cw.writerow([pid, cls])
             if i % 2:
-                write_jpeg_dicom(img_dir / f"{pid}.dcm", ramp(24, 24), patient_id=pid)
+                write_jpeg_dicom(img_dir / f"{pid}.dcm", unique_ramp(24, i), patient_id=pid)
             else:
-                write_dicom(img_dir / f"{pid}.dcm", ramp(24, 24), patient_id=pid)
+                write_dicom(img_dir / f"{pid}.dcm", unique_ramp(24, i), patient_id=pid)
     write_dicom(root / "stage_2_test_images" / f"{uuid.UUID(int=7)}.dcm", ramp(24, 24))
     return classes
 

@@ -55,10 +55,18 @@ def test_runs_saved_before_the_sdist_term_still_load_and_score_the_same(tmp_path
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("stats.sd_")}
     state["stats.center"], state["stats.scale"] = state["stats.center"][:5], state["stats.scale"][:5]
     save_file(state, str(path))
+    _as_older_run(tmp_path / "run")
     loaded, _, _ = load_run(tmp_path / "run")
     images = blob_images(4, 32, seed=3, abnormal=True)
     np.testing.assert_allclose(score_images(loaded, images)["score"], score_images(model, images)["score"], rtol=1e-6)
     assert loaded.stats.center.shape == (6,) and float(loaded.stats.scale[5]) == 1.0
+
+
+def _as_older_run(run) -> None:
+    """Runs saved before config.json recorded the weights' checksum (the tests rewrite their weights)."""
+    doc = json.loads((run / "config.json").read_text())
+    doc.pop("weights_sha256")
+    (run / "config.json").write_text(json.dumps(doc))
 
 
 def test_run_files_respect_the_umask(tmp_path):
@@ -93,5 +101,6 @@ def test_standardisation_slots_are_mapped_by_name(tmp_path):
     order = list(reversed(TERM_NAMES))  # as a table in another order would have saved it
     state["stats.center"] = torch.tensor([float(TERM_INDEX[n]) for n in order])
     save_file(state, str(path), metadata={SLOT_NAMES_KEY: json.dumps(order)})
+    _as_older_run(tmp_path / "run")
     loaded, _, _ = load_run(tmp_path / "run")
     assert loaded.stats.center.tolist() == list(range(len(TERM_NAMES)))

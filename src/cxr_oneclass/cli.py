@@ -6,9 +6,11 @@ Each `cmd_*` parses nothing and decides nothing: it calls its job and prints wha
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ._version import __version__
@@ -61,10 +63,20 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .jobs.train import train_run
+    from .jobs.train import resume_run, train_run
     from .runtime import pick_device
     from .training import distributed
 
+    if args.resume:
+        if args.data or args.out:
+            raise CxrError("--resume RUN continues with the data, config and folder the training started with: "
+                           "give neither --data nor --out")
+        out = resume_run(args.resume, progress=not args.quiet)
+        print(f"resumed and finished {out.run_dir}: {len(out.history)} epochs, validation AUC "
+              + (f"{out.val_auc:.4f}" if out.val_auc is not None else "undefined"))
+        return 0
+    if not args.data or not args.out:
+        raise CxrError("train needs --data and --out (or --resume RUN)")
     cfg = config_from_args(args)
     # Under torchrun (WORLD_SIZE > 1): data-parallel training; every rank trains, rank 0 writes and prints.
     if distributed.init_from_env(pick_device(cfg.device).type):
@@ -119,8 +131,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .io_utils import write_csv
-    from .jobs.score import NOT_SCORED, Scorer, iter_scores
+    from .jobs.score import NOT_SCORED, CsvSink, Scorer, iter_scores
 
     if args.onnx:  # an exported graph: every positional argument is an image or folder
         source, paths = args.onnx, [args.run, *args.paths]
@@ -130,23 +141,28 @@ def cmd_score(args: argparse.Namespace) -> int:
         source, paths = args.run, args.paths
     scorer = Scorer(source)
     columns = ["file", "score", "flag", "raw_score", *scorer.terms, *(["heatmap_file"] if args.heatmaps else []), "error"]
-    out = None if args.csv else csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    if out is not None:
-        out.writeheader()
-    rows, failed = [], []
-    for rec in iter_scores(scorer, paths, heatmap_dir=args.heatmaps):
-        row = rec.row(scorer.terms)
-        rows.append(row)
-        if rec.flag == NOT_SCORED:
-            failed.append(rec)
-        if out is not None:
-            out.writerow(row)
-            sys.stdout.flush()
+    if args.heatmaps:
+        try:
+            Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CxrError(f"cannot write heat maps to {args.heatmaps}: {exc.strerror or exc}") from exc
+    sink = CsvSink(columns, path=args.csv)  # prints to stdout without --csv
+    failed = []
+    complete = False
+    try:
+        for rec in iter_scores(scorer, paths, heatmap_dir=args.heatmaps, accept_any_modality=args.any_modality):
+            sink.write(rec.row(scorer.terms))
+            if rec.flag == NOT_SCORED:
+                failed.append(rec)
+        complete = True
+    finally:
+        sink.close(complete)
+        if not complete and args.csv:
+            print(f"interrupted: the {sink.rows} rows scored so far are in {sink.partial}", file=sys.stderr)
     if args.csv:
-        write_csv(args.csv, rows, columns)
-        print(f"wrote {len(rows) - len(failed)} scores to {args.csv}")
+        print(f"wrote {sink.rows - len(failed)} scores to {args.csv}")
     if failed:
-        print(f"{len(failed)} of {len(rows)} inputs could not be scored (flag {NOT_SCORED}):", file=sys.stderr)
+        print(f"{len(failed)} of {sink.rows} inputs could not be scored (flag {NOT_SCORED}):", file=sys.stderr)
         for rec in failed:
             print(f"  {rec.source}: {rec.error}", file=sys.stderr)
         return 1
@@ -159,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = export_run(args.run, args.out, opset=args.opset, verify=not args.no_verify)
     print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB): input uint8 (B,1,H,W); outputs score, components, heatmap")
     if info["max_rel_diff"] is not None:
-        print(f"onnxruntime vs PyTorch scores: max relative difference {info['max_rel_diff']:.1e}")
+        print(f"onnxruntime vs PyTorch: largest difference {info['max_rel_diff']:.1e} of an output's scale")
     return 0
 
 
@@ -217,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter)
 
     t = verb("train", "train on normal images; calibrate on validation")
-    t.add_argument("--data", required=True, help="csv:MANIFEST, folder:PATH, nih:PATH, rsna:PATH or phantom[:OPTIONS] (see README)")
-    t.add_argument("--out", required=True, help="run folder to write")
+    t.add_argument("--data", help="csv:MANIFEST, folder:PATH, nih:PATH, rsna:PATH or phantom[:OPTIONS] (see README)")
+    t.add_argument("--out", help="run folder to write (written as RUN.partial until complete)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted training of RUN from its last checkpoint")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -243,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders")
     s.add_argument("--onnx", metavar="FILE", help="score with an exported .onnx graph instead of a run folder")
     s.add_argument("--csv", metavar="FILE", help="write the scores here (CSV) instead of printing them")
+    s.add_argument("--any-modality", action="store_true", help="also score DICOM files that are not projection radiographs (CT, MR, ...)")
     s.add_argument("--heatmaps", metavar="DIR", help="folder for heat-map overlays (one PNG per image; the CSV names each)")
     s.set_defaults(func=cmd_score)
 
@@ -279,17 +297,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that what was done is kept (as on Ctrl-C)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # File names that are not valid UTF-8 are printed with backslash escapes instead of ending the run.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.func(args)
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `score ... | head`: the reader has gone; stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

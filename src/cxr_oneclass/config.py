@@ -17,6 +17,11 @@ from .scoring.terms import AUTO_TERMS, TERM_NAMES
 VARIANTS = ("u", "u+e", "u+d", "full")
 
 
+# Upper bounds far above any sensible chest X-ray model (the paper: 64 px, width 64, latent 100, batch 64).
+LIMITS = {"image_size": 1024, "width": 512, "latent_dim": 4096, "batch_size": 65536, "epochs": 100000, "steps": 10**8,
+          "num_threads": 1024}
+
+
 @dataclass
 class Config:
     # --- data ---
@@ -56,6 +61,7 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        self._check_types()
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         size = self.image_size
@@ -88,6 +94,20 @@ class Config:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.noise_std < 0 or self.lr <= 0:
             raise ConfigError("noise-std must be >= 0 and lr > 0")
+
+    def _check_types(self) -> None:
+        """Each value of its field's type (a config.json can say anything: `"width": 8.0`, `true`, a string), and
+        sizes within what a chest X-ray model needs (a crafted config must not allocate gigabytes)."""
+        for f in fields(self):
+            value, want = getattr(self, f.name), type(f.default)
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise ConfigError(f"{f.name.replace('_', '-')} must be {want.__name__}, got {value!r}"[:200])
+        for name, top in LIMITS.items():
+            if getattr(self, name) > top:
+                raise ConfigError(f"{name.replace('_', '-')} must be <= {top}, got {getattr(self, name)}"[:200])
 
     @property
     def n_skips(self) -> int:

@@ -1,11 +1,21 @@
 """Decode one image file (PNG, JPEG, 8/16-bit, grey/colour; DICOM through `dicom.py`) to a float32 grey array.
 
-Every failure is an `ImageError` that names the file and the problem; nothing here prints.
+Every failure is an `ImageError` that names the file and the problem in one line, whatever raised it (a decoder's
+own exception, a MemoryError), so one bad file never ends a batch; nothing here prints.
+
+Decompression bombs: a file whose decoded pixels (at its own bit depth, all frames) would exceed `MAX_DECODE_BYTES`
+is refused from its header, before any pixel is decoded. Pillow's own bomb check stays on as Pillow sets it
+(over 2 x `Image.MAX_IMAGE_PIXELS`, about 179 million pixels, is refused at open); only its warning between one
+and two times that limit is silenced, per call.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +25,82 @@ from ..errors import ImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 MIN_SIDE = 16  # smaller than this is not a radiograph at any useful resolution
-MAX_PIXELS = 20_000 * 20_000  # larger than any detector; PIL's bomb check would otherwise refuse 10k x 10k
-# Set once, process-wide (not per call: decoding runs in threads). PIL's bomb check is off because ours, on the
-# header's size and the bytes a decode would need, runs right after open and before any pixel is decoded.
-Image.MAX_IMAGE_PIXELS = None
-MAX_DECODE_BYTES = 2**30  # decoded size above which a file is refused (a 20k x 20k RGBA would need 1.6 GB)
+MAX_PIXELS = 20_000 * 20_000  # larger than any detector
+# Decoded pixel bytes (width x height x bytes per pixel, x frames for DICOM) above which a file is refused before
+# decoding; the working memory of a decode is about 3x this (the raw pixels plus float32 copies). A 43 cm detector
+# at 0.1 mm is 4300 x 4300 x 2 bytes = 37 MB; 256 MB still admits a 10000 x 10000 16-bit scan. Read at call time
+# and passed on to `read_dicom`, so lowering it (monkeypatch) lowers every decode path.
+MAX_DECODE_BYTES = 256 * 2**20
+
+
+def problem_of(exc: BaseException) -> str:
+    """An unexpected exception as one short line: its type and message, without the tracebacks that some
+    pydicom messages carry (`tag_in_exception` appends one)."""
+    text = " ".join(str(exc).split("Traceback (most recent call last)")[0].split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    name = type(exc).__name__
+    if name.lower() == "error":  # struct.error, zlib.error, binascii.Error: the bare name says nothing
+        name = f"{type(exc).__module__}.{name}"
+    return f"{name}: {text}" if text else name
+
+
+def error_for(path: str | os.PathLike[str], exc: BaseException, what: str = "cannot decode") -> ImageError:
+    """The `ImageError` of a file whose decode raised something unexpected."""
+    if isinstance(exc, MemoryError):
+        return ImageError(path, "out of memory while decoding (MemoryError)")
+    return ImageError(path, f"{what} ({problem_of(exc)})")
+
+
+def human_bytes(n: float) -> str:
+    """'312 KB', '1.5 MB', '549 MB'."""
+    if n < 2**20:
+        return f"{n / 2**10:,.0f} KB"
+    return f"{n / 2**20:,.1f} MB" if n < 10 * 2**20 else f"{n / 2**20:,.0f} MB"
+
+
+@contextmanager
+def one_file(path: str | os.PathLike[str], what: str = "cannot decode") -> Iterator[None]:
+    """Turn any exception but our own `ImageError` into one for `path`: decoders raise whatever they like
+    (ValueError, KeyError, struct.error, OSError, MemoryError, ...) and a batch must lose only this file.
+    KeyboardInterrupt and SystemExit are not `Exception`s and pass through."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise error_for(path, exc, what) from exc
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """Image files (by suffix) anywhere below `root`, following symbolic links to folders, sorted.
+
+    (`Path.rglob` does not follow folder links before Python 3.13.) Each folder is walked once, by its device and
+    inode, so a link loop ends and two links to one folder do not list its images twice. Unreadable folders and
+    broken links are skipped, as `rglob` does.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [os.fspath(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir():  # follows links
+                            stack.append(entry.path)
+                        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                            found.append(Path(entry.path))
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def is_dicom(path: Path) -> bool:
@@ -34,14 +115,20 @@ def is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read_image(path: str | Path, target: int | None = None) -> np.ndarray:
+def read_image(path: str | Path, target: int | None = None, accept_any_modality: bool = False) -> np.ndarray:
     """The image as float32 (H, W) in [0, 1], brightness as displayed (bone bright).
 
     With `target` (the side it will be resized to), a large raster is shrunk while decoding (JPEG DCT scaling,
     then an integer-factor box reduction before the float conversion) to no less than 2 * target per side, so a
-    10000 x 10000 file costs its 8/16-bit pixels once, not float copies of them.
+    10000 x 10000 file costs its 8/16-bit pixels once, not float copies of them. `accept_any_modality` reads
+    DICOMs that are not projection radiographs too (CT, MR, ...; see `dicom.py`).
     """
     path = Path(path)
+    with one_file(path):
+        return _read_image(path, target, accept_any_modality)
+
+
+def _read_image(path: Path, target: int | None, accept_any_modality: bool) -> np.ndarray:
     if not path.exists():
         raise ImageError(path, "file not found")
     if path.is_dir():
@@ -55,7 +142,7 @@ def read_image(path: str | Path, target: int | None = None) -> np.ndarray:
     if is_dicom(path):
         from .dicom import read_dicom  # local import: pydicom is only loaded when a DICOM shows up
 
-        arr = read_dicom(path)
+        arr = read_dicom(path, accept_any_modality=accept_any_modality, max_decode_bytes=MAX_DECODE_BYTES)
         h, w = arr.shape
     else:
         arr, (h, w) = _read_raster(path, target)
@@ -78,7 +165,8 @@ def _read_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tup
                     raise ImageError(path, f"image too large ({w}x{h}, over {MAX_PIXELS:,} pixels)")
                 need = w * h * _BYTES_PER_PIXEL.get(im.mode, 2 if im.mode.startswith("I;16") else 4)
                 if need > MAX_DECODE_BYTES:
-                    raise ImageError(path, f"image too large to decode ({w}x{h} {im.mode}, {need / 2**20:,.0f} MB)")
+                    raise ImageError(path, f"image too large to decode ({w}x{h} {im.mode}, {human_bytes(need)}; "
+                                           f"the limit is {human_bytes(MAX_DECODE_BYTES)})")
                 if min(w, h) < MIN_SIDE:
                     raise ImageError(path, f"image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
                 if target and im.format == "JPEG":
@@ -88,10 +176,18 @@ def _read_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tup
     except UnidentifiedImageError as exc:
         raise ImageError(path, "not a readable image (unknown or corrupt format)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"image too large (over {MAX_PIXELS:,} pixels)") from exc
+        raise ImageError(path, f"image too large ({_bomb_size(exc)})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         # PIL reports truncated/corrupt data as OSError ("image file is truncated", "broken data stream").
         raise ImageError(path, f"corrupt or truncated image ({exc})") from exc
+
+
+def _bomb_size(exc: Exception) -> str:
+    """Pillow's 'Image size (N pixels) exceeds limit of M pixels, ...' as 'N pixels; ...' with thousands marks."""
+    numbers = [int(n) for n in re.findall(r"\d+", str(exc))]
+    if len(numbers) >= 2:
+        return f"{numbers[0]:,} pixels; Pillow refuses over {numbers[1]:,} as a possible decompression bomb"
+    return str(exc)
 
 
 def _shrink_to_grey(im: Image.Image, target: int | None) -> np.ndarray:
@@ -117,9 +213,10 @@ def _to_grey(im: Image.Image) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(im, dtype=np.float32) / 65535.0
     if mode == "I":
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.asarray(im, dtype=np.float32)  # exact up to 2**24; the values are 8/16-bit grey in practice
         top = 65535.0 if arr.max() > 255 else 255.0
-        return np.clip(arr / top, 0, 1).astype(np.float32)
+        arr /= top
+        return np.clip(arr, 0, 1, out=arr)
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
@@ -149,6 +246,10 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode + resize one file to uint8 (size, size); the form images are cached and trained in."""
-    return to_uint8(resize(read_image(path, target=size), size))
+def load_image(path: str | Path, size: int, accept_any_modality: bool = False) -> np.ndarray:
+    """Decode + resize one file to uint8 (size, size); the form images are cached and trained in.
+
+    Any failure is an `ImageError` naming the file (see `read_image`; `accept_any_modality` as there)."""
+    arr = read_image(path, target=size, accept_any_modality=accept_any_modality)
+    with one_file(path, "cannot resize"):
+        return to_uint8(resize(arr, size))

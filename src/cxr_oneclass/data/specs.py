@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -153,4 +154,32 @@ def build_dataset(records: list[Record], spec: str, image_size: int, splits: tup
         log.warning("... and %d more unreadable files", len(skipped) - 5)
     if not out:
         raise DataError(f"data {spec!r} has no images in split(s) {', '.join(splits)}")
+    check_overlap(out, spec)
     return Dataset(out, spec, skipped, split_seed)
+
+
+def check_overlap(splits: dict[str, ImageSet], spec: str) -> None:
+    """Refuse an image in two splits, by resolved path or by identical decoded pixels (a copy under another name):
+    a test image that was trained on inflates AUC. Duplicates within a split are only warned about."""
+    seen: dict[str, str] = {}  # path or pixel digest -> the split it was first seen in
+    clashes: list[str] = []
+    for name, images in splits.items():
+        here: set[str] = set()
+        dups = 0
+        for path, pixels in zip(images.names, images.images):
+            keys = (os.path.realpath(path), "pixels:" + hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest())
+            if any(k in here for k in keys):
+                dups += 1
+            for k in keys:
+                other = seen.get(k)
+                if other is not None and other != name:
+                    clashes.append(f"{path} ({other} and {name}{', same pixels' if k.startswith('pixels:') else ''})")
+                    break
+            here.update(keys)
+        if dups:
+            log.warning("data %s: %d duplicate image(s) in the %s split (same file or same pixels)", spec, dups, name)
+        for k in here:
+            seen.setdefault(k, name)
+    if clashes:
+        raise DataError(f"data {spec!r}: {len(clashes)} image(s) are in two splits, e.g. {'; '.join(clashes[:3])}: a "
+                        "split must not see another's images (fix the manifest's split column or remove the copies)")

@@ -11,7 +11,7 @@ from ..data.types import Dataset, ImageSet
 from ..io_utils import write_csv, write_json
 from ..metrics import compute_metrics
 from ..model.networks import OneClassGAN
-from ..runs import METRICS_FILE, SCORES_FILE, eval_dir, load_run, run_dataset
+from ..runs import METRICS_FILE, SCORES_FILE, check_writable, eval_dir, load_run, run_dataset, staged
 from ..scoring.calibration import Calibration
 from ..scoring.inference import model_components, score_images
 
@@ -32,18 +32,22 @@ def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: 
     run was trained beside."""
     model, calibration, doc = load_run(run_dir)
     cfg = model.cfg
+    out = Path(out_dir) if out_dir is not None else eval_dir(run_dir, split)
+    check_writable(out)  # before the work, not after it
     ds = run_dataset(run_dir, doc, cfg.image_size, (split,), data)
     images = ds[split]
     scored = score_set(model, calibration, images, cfg.batch_size, progress=progress)
     metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None)
     metrics.update({"split": split, "data": ds.spec, "split_seed": ds.split_seed, "run": str(run_dir), "version": __version__})
-    out = Path(out_dir) if out_dir is not None else eval_dir(run_dir, split)
-    write_json(out / METRICS_FILE, metrics)
+    # Files of the split that could not be read are not in the metrics: say how many and which.
+    metrics["unreadable"] = {"count": len(ds.skipped), "files": [{"file": e.path, "problem": e.problem} for e in ds.skipped]}
     rows = []
     for i, name in enumerate(images.names):
         row = {"file": name, "label": int(images.labels[i]), "score": scored["normalised"][i], "raw_score": scored["score"][i]}
         row.update({k: scored[k][i] for k in model_components(model)})
         row.update({k: v[i] for k, v in images.meta.items()})
         rows.append(row)
-    write_csv(out / SCORES_FILE, rows)
+    with staged(out) as part:  # metrics and scores replace an earlier evaluation together
+        write_json(part / METRICS_FILE, metrics)
+        write_csv(part / SCORES_FILE, rows)
     return metrics

@@ -22,8 +22,9 @@ from pathlib import Path
 from ..config import Config, method_config
 from ..data.specs import load_dataset, resolve_spec
 from ..data.types import Dataset
+from ..errors import ConfigError
 from ..io_utils import write_csv, write_json, write_text
-from ..runs import EXPERIMENT_FILE, RESULTS_FILES, ExperimentRun, experiment_run
+from ..runs import EXPERIMENT_FILE, RESULTS_FILES, ExperimentRun, Lock, experiment_run
 from ..scoring.terms import TERM_NAMES as COMPONENTS
 from .evaluate import evaluate_run
 from .train import train_run
@@ -61,7 +62,7 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
     """Train and evaluate every (method, repeat); returns one row per run and writes the results files.
     With `collect_only`, trains nothing: the results files hold the runs that are finished, the rest are logged."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    write_json(plan.out / EXPERIMENT_FILE, {"data": plan.data, "methods": plan.methods, "repeats": plan.repeats, "base_config": plan.base.to_dict(), "split_seed": plan.split_seed})
+    record_plan(plan)
     dataset: Dataset | None = None
     rows = []
     for method in plan.methods:
@@ -79,33 +80,78 @@ def run_experiment(plan: ExperimentPlan, progress: bool = True, on_run: Callable
             if collect_only:
                 log.warning("%s seed %d: not finished (%s has no metrics.json); left out", method, plan.base.seed + r, run_dir)
                 continue
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a run interrupted before its metrics: start it over
-            if dataset is None:
-                # One split for every run: the data seed is fixed, only the model seed changes per repeat.
-                dataset = load_dataset(plan.data, plan.base.image_size, plan.split_seed)
-            cfg = method_config(method, Config.from_dict({**cfg0.to_dict(), "seed": plan.base.seed + r}))
-            monitor = {MONITOR_NAME: dataset["test"]} if "test" in dataset.splits else None
-            outcome = train_run(cfg, dataset, run.model_dir, progress=progress, monitor=monitor)
-            metrics = evaluate_run(run.model_dir, dataset, "test", run.eval_dir, progress=progress)
-            last = outcome.history[-1]
-            row = {
-                "method": method,
-                "seed": cfg.seed,
-                "auc": metrics["auc"],
-                **{f"auc_{k}": v for k, v in metrics["component_auc"].items()},
-                "val_auc": outcome.val_auc,
-                "train_seconds": round(outcome.seconds, 1),
-                "images_per_s": last["images_per_s"],
-                "epochs": cfg.epochs,
-            }
-            write_json(done, {"row": row, "metrics": metrics})  # last: its presence marks the run finished
+            lock = Lock(run.lock_file)
+            if not lock.acquire():  # another shard trains this run: leave it (and its folder) alone
+                log.warning("%s seed %d: being trained by another process (%s); skipped here", method, run.seed, lock.owner())
+                continue
+            try:
+                if dataset is None:
+                    # One split for every run: the data seed is fixed, only the model seed changes per repeat.
+                    dataset = load_dataset(plan.data, plan.base.image_size, plan.split_seed)
+                row = _train_and_evaluate(plan, method, r, run, cfg0, dataset, progress)
+            finally:
+                lock.release()
             rows.append(row)
             write_results(plan, rows)  # results so far, so that a long experiment can be read while it runs
             if on_run:
                 on_run(method, r, row)
     write_results(plan, rows)
     return rows
+
+
+# What must agree between an experiment folder and a command that adds runs to it (shards may differ in methods,
+# seeds and repeats; not in what a run is).
+PLAN_KEYS = ("data", "split_seed", "base_config")
+
+
+def record_plan(plan: ExperimentPlan) -> None:
+    """Write experiment.json, or check that the one there describes the same experiment: runs made with other
+    data or settings must not be reported under this header. Methods and repeats accumulate over shards."""
+    path = plan.out / EXPERIMENT_FILE
+    doc = {"data": plan.data, "methods": plan.methods, "repeats": plan.repeats, "base_config": plan.base.to_dict(), "split_seed": plan.split_seed}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: unreadable ({exc}); move the folder aside or use another --out") from exc
+        mine = {**doc, "base_config": {k: v for k, v in doc["base_config"].items() if k != "seed"}}
+        theirs = {**old, "base_config": {k: v for k, v in (old.get("base_config") or {}).items() if k != "seed"}}
+        diff = [k for k in PLAN_KEYS if mine.get(k) != theirs.get(k)]
+        if diff:
+            detail = ""
+            if "base_config" in diff:
+                keys = sorted(k for k in set(mine["base_config"]) | set(theirs["base_config"]) if mine["base_config"].get(k) != theirs["base_config"].get(k))
+                detail = f" (config: {', '.join(keys)})"
+            raise ConfigError(f"{plan.out} holds an experiment with other settings: {', '.join(diff)} differ{detail}. Its runs "
+                              "would be reported under this command's header: use another --out")
+        doc["methods"] = list(dict.fromkeys([*old.get("methods", []), *plan.methods]))
+        doc["repeats"] = max(int(old.get("repeats", 0)), plan.base.seed + plan.repeats)
+    write_json(path, doc)
+
+
+def _train_and_evaluate(plan: ExperimentPlan, method: str, r: int, run: ExperimentRun, cfg0: Config, dataset: Dataset,
+                        progress: bool) -> dict:
+    if run.root.exists():
+        shutil.rmtree(run.root)  # a run interrupted before its metrics: start it over (we hold its lock)
+    cfg = method_config(method, Config.from_dict({**cfg0.to_dict(), "seed": plan.base.seed + r}))
+    monitor = {MONITOR_NAME: dataset["test"]} if "test" in dataset.splits else None
+    outcome = train_run(cfg, dataset, run.model_dir, progress=progress, monitor=monitor)
+    metrics = evaluate_run(run.model_dir, dataset, "test", run.eval_dir, progress=progress)
+    last = outcome.history[-1]
+    row = {
+        "method": method,
+        "seed": cfg.seed,
+        "auc": metrics["auc"],
+        **{f"auc_{k}": v for k, v in metrics["component_auc"].items()},
+        "val_auc": outcome.val_auc,
+        "train_seconds": round(outcome.seconds, 1),
+        "images_per_s": last["images_per_s"],
+        "epochs": cfg.epochs,
+    }
+    write_json(run.done_file, {"row": row, "metrics": metrics})  # last: its presence marks the run finished
+    return row
+
+
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

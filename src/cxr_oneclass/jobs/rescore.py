@@ -11,7 +11,7 @@ from typing import Any
 from ..data.types import Dataset
 from ..errors import ConfigError, DataError
 from ..io_utils import write_text
-from ..runs import HISTORY_FILE, DataProvenance, load_run, run_dataset, save_run
+from ..runs import HISTORY_FILE, DataProvenance, load_run, run_dataset, save_run, staged
 from ..scoring.selection import fit_score_and_calibration
 from ..scoring.stats import attach_stats
 from .train import TrainOutcome
@@ -43,8 +43,10 @@ def rescore_run(run_dir: str | Path, out_dir: str | Path, data: str | Dataset | 
     if scored.selection:
         extra["score_selection"] = scored.selection
     out_dir = Path(out_dir)
-    save_run(out_dir, model, scored.calibration, extra, DataProvenance.of(ds))
     history = Path(run_dir) / HISTORY_FILE
-    if history.is_file() and out_dir.resolve() != Path(run_dir).resolve():
-        write_text(out_dir / HISTORY_FILE, history.read_text(encoding="utf-8"))
+    history_text = history.read_text(encoding="utf-8") if history.is_file() else None
+    with staged(out_dir) as part:  # rescoring a run in place replaces it whole (its old evaluations go with it)
+        save_run(part, model, scored.calibration, extra, DataProvenance.of(ds))
+        if history_text is not None:
+            write_text(part / HISTORY_FILE, history_text)
     return TrainOutcome(out_dir, model, scored.calibration, [], ds, time.perf_counter() - t0, scored.val_auc, extra)

@@ -4,17 +4,20 @@ flagged `error`, never `normal`."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
-from ..data.images import IMAGE_SUFFIXES, load_image, resize, to_uint8
-from ..errors import ImageError
+from ..data.images import find_images, load_image, resize, to_uint8
+from ..errors import CxrError, ImageError
 from ..runs import load_run
 from ..scoring.calibration import Calibration
 from ..scoring.inference import model_components, score_images
@@ -99,6 +102,9 @@ class Scorer:
         norm = self.calibration.normalise(scored["score"]) if self.calibration else scored["score"]
         out = []
         for i, name in enumerate(names):
+            if not np.isfinite(norm[i]):  # a NaN never clears a film: the image is reported as not scored
+                out.append(ScoredImage(name, NOT_SCORED, error=f"the score is not finite ({norm[i]}): the run cannot score this image"))
+                continue
             out.append(ScoredImage(
                 name, flag_of(float(norm[i]), self.calibration), float(norm[i]), float(scored["score"][i]),
                 {k: float(scored[k][i]) for k in self.terms if k in scored},
@@ -113,7 +119,7 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[ImageErr
     errors: list[ImageError] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = find_images(p)  # symbolic links to folders are followed
             if not found:
                 errors.append(ImageError(p, "folder has no image files"))
             files += found
@@ -151,12 +157,14 @@ def heatmap_name(p: Path, used: set[str]) -> str:
     return name
 
 
-def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path | None = None, keep_maps: bool = False) -> Iterator[ScoredImage]:
+def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path | None = None, keep_maps: bool = False,
+                accept_any_modality: bool = False) -> Iterator[ScoredImage]:
     """Score files and folders in bounded-memory chunks, yielding records in input order as they are scored.
 
     Threads decode chunk k+1 while chunk k is scored: at most two chunks of images are in memory, whatever the
     number of files. Unreadable inputs are yielded as `error` records, never fatal for the others. Heat maps are
-    drawn into `heatmap_dir` when given, and kept in the records with `keep_maps`.
+    drawn into `heatmap_dir` when given, and kept in the records with `keep_maps`. DICOM files that are not
+    projection radiographs are refused unless `accept_any_modality`.
     """
     draw = heatmap_dir is not None
     files, missing = expand_paths(paths)
@@ -167,9 +175,11 @@ def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path
 
     def decode(p: Path) -> np.ndarray | ImageError:
         try:
-            return load_image(p, size)
+            return load_image(p, size, accept_any_modality=accept_any_modality)
         except ImageError as exc:
             return exc
+        except Exception as exc:  # noqa: BLE001 - whatever breaks one file is that file's error, never the batch's
+            return ImageError(p, f"could not be decoded ({type(exc).__name__}: {str(exc)[:200]})")
 
     bs = scorer.batch_size
     chunks = [files[s : s + bs] for s in range(0, len(files), bs)]
@@ -193,6 +203,40 @@ def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path
                     if not keep_maps:
                         rec.heatmap = None
                 yield rec
+
+
+class CsvSink:
+    """Rows written as they are scored, flushed, so an interruption loses nothing scored. A file goes to
+    FILE.partial and is renamed to FILE when complete; printing goes to a stream. Names that are not valid UTF-8
+    are written with backslash escapes rather than failing."""
+
+    def __init__(self, columns: list[str], path: str | Path | None = None, stream: TextIO | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.partial = self.path.with_name(self.path.name + ".partial") if self.path is not None else None
+        if self.partial is not None:
+            try:  # checked before any work: a bad --csv must not cost a whole scoring run
+                self.partial.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.partial, "w", newline="", encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise CxrError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        else:
+            self._fh = stream or sys.stdout
+        self._writer = csv.DictWriter(self._fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        self._writer.writeheader()
+        self.rows = 0
+
+    def write(self, row: dict[str, object]) -> None:
+        self._writer.writerow(row)
+        self._fh.flush()
+        self.rows += 1
+
+    def close(self, complete: bool = True) -> None:
+        """Close; a complete file replaces FILE, an interrupted one stays as FILE.partial (its rows are whole)."""
+        if self.partial is None:
+            return
+        self._fh.close()
+        if complete:
+            os.replace(self.partial, self.path)
 
 
 def score_paths(source: str | Path, paths: list[str | Path], heatmap_dir: str | Path | None = None, batch_size: int = 64,

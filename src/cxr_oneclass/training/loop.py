@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..errors import DataError
+from ..errors import CxrError, DataError
 from ..model import losses
 from ..model.networks import OneClassGAN
 from ..runtime import autocast, pick_device, seed_everything, to_model_range
@@ -30,6 +31,28 @@ class TrainResult:
     model: OneClassGAN
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    """Everything that continues a training exactly where it stopped: after `epoch` epochs, the model's weights
+    and buffers, both optimisers' states and the training generator(s), as tensors; the rest as JSON (`info`)."""
+
+    epoch: int
+    history: list[dict]
+    tensors: dict[str, torch.Tensor]
+    info: dict
+
+
+class TrainingDiverged(CxrError):
+    """The losses became non-finite or exploded; the last good checkpoint is kept."""
+
+
+# An epoch has diverged when a mean loss term exceeds CEILING (with images in [-1, 1] and the paper's weights a
+# sane run's terms stay below 100; with --lr 1e6 they reach 1e29 in the first epoch), or when the generator's
+# total exceeds the first epoch's by EXPLOSION (a healthy run's loss falls).
+CEILING = 1e6
+EXPLOSION = 1e4
 
 
 def generator_step_terms(model: OneClassGAN, x: torch.Tensor, x_in: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -106,6 +129,45 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
+    def checkpoint(self, epoch: int, history: list[dict]) -> Checkpoint:
+        """The training state after `epoch` epochs (tensors copied to the CPU)."""
+        # Copies (clone): on a CPU .cpu() returns the live tensor itself, which training would go on changing.
+        tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
+        info: dict = {"optimisers": {}}
+        for name, opt in self._optimisers().items():
+            sd = opt.state_dict()
+            info["optimisers"][name] = {"param_groups": sd["param_groups"],
+                                        "state": {str(i): sorted(st) for i, st in sd["state"].items()}}
+            for i, st in sd["state"].items():
+                for key, value in st.items():
+                    tensors[f"{name}/{i}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+        tensors["rng/gen"] = self.gen.get_state()
+        if self.noise_gen is not self.gen:
+            tensors["rng/noise_gen"] = self.noise_gen.get_state().cpu()
+        return Checkpoint(epoch, [dict(r) for r in history], tensors, info)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from `ckpt`: weights, buffers, optimiser states and generators as they were."""
+        model_state = {k[len("model/"):]: v for k, v in ckpt.tensors.items() if k.startswith("model/")}
+        self.model.load_state_dict(model_state)
+        for name, opt in self._optimisers().items():
+            saved = ckpt.info["optimisers"][name]
+            state = {int(i): {key: ckpt.tensors[f"{name}/{i}/{key}"] for key in keys} for i, keys in saved["state"].items()}
+            opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+            # Moment buffers in their parameter's memory layout (channels-last), as the optimiser made them: the
+            # fused step over another layout rounds differently, and the resumed run would drift.
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    for key, value in opt.state.get(param, {}).items():
+                        if torch.is_tensor(value) and value.shape == param.shape:
+                            opt.state[param][key] = torch.empty_like(param).copy_(value)
+        self.gen.set_state(ckpt.tensors["rng/gen"])
+        if self.noise_gen is not self.gen:
+            self.noise_gen.set_state(ckpt.tensors["rng/noise_gen"].to(self.noise_gen.device))
+
+    def _optimisers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt_g": self.opt_g, **({"opt_d": self.opt_d} if self.opt_d is not None else {})}
+
     def batch(self, images_u8: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This rank's clean and noisy model inputs for the global batch `index` into uint8 (N,H,W) images, and
         its share of the batch. The noise is drawn for the whole global batch, so one process and several draw
@@ -161,12 +223,17 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
     tuning: Tuning | None = None,
+    start: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
 ) -> TrainResult:
     """Train a model of `cfg` on uint8 normal images (N, H, W); returns the model (in eval mode) and its history.
 
     `on_epoch_end(model, row)` may add columns to the epoch's history row (e.g. a validation AUC); the model is in
-    eval mode during the call and back in train mode after it. Under torch.distributed every rank calls `fit` with
-    the same images and config, and all of them return the same model.
+    eval mode during the call and back in train mode after it. `on_checkpoint` gets the training state after every
+    epoch; `start` continues from one, and the result is bit-identical on a CPU to a run never interrupted. An epoch
+    whose losses are not finite, or exploded, raises TrainingDiverged before anything is done with the model.
+    Under torch.distributed every rank calls `fit` with the same images and config, and all of them return the
+    same model.
     """
     n = len(train_images)
     if n == 0:
@@ -188,10 +255,15 @@ def fit(
     total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * per_epoch
     n_epochs = -(-total_steps // per_epoch)  # a step budget ends with a partial pass when it does not divide
     result = TrainResult(model)
+    first = 1
+    if start is not None:
+        trainer.restore(start)
+        result.history = [dict(r) for r in start.history]
+        first = start.epoch + 1
     t_start = time.perf_counter()
     model.train()
     keys: list[str] = []
-    for epoch in range(1, n_epochs + 1):
+    for epoch in range(first, n_epochs + 1):
         n_batches = min(per_epoch, total_steps - (epoch - 1) * per_epoch)
         t0 = time.perf_counter()
         trainer.data_seconds = 0.0
@@ -216,13 +288,28 @@ def fit(
         row["seconds"] = round(seconds, 3)
         row["images_per_s"] = round(n_batches * bs / seconds, 2)
         row["data_share"] = round(trainer.data_seconds / seconds, 4)  # batch making, as a fraction of the epoch
+        _check_divergence(row, result.history, epoch)
         if on_epoch_end is not None:
             model.eval()
             on_epoch_end(model, row)
             model.train()
         result.history.append(row)
+        if on_checkpoint is not None:
+            on_checkpoint(trainer.checkpoint(epoch, result.history))
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _check_divergence(row: dict, history: list[dict], epoch: int) -> None:
+    losses = {k: v for k, v in row.items() if k.startswith("loss_")}
+    bad = [k for k, v in losses.items() if not math.isfinite(v) or abs(v) > CEILING]
+    g, g0 = row.get("loss_g_total"), history[0].get("loss_g_total") if history else None
+    exploded = g is not None and g0 is not None and math.isfinite(g) and abs(g) > EXPLOSION * max(abs(g0), 1e-8)
+    if bad or exploded:
+        what = f"{bad[0]} = {losses[bad[0]]:.3g}" if bad else f"loss_g_total = {g:.3g}, {EXPLOSION:.0e} x epoch 1's {g0:.3g}"
+        kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch finished"
+        raise TrainingDiverged(f"training diverged in epoch {epoch} ({what}); {kept}. Lower --lr (now the preset's or "
+                               "yours) or check the data; nothing was saved as a run")
