@@ -327,7 +327,7 @@ def test_secondary_capture_and_unknown_modality_are_radiographs(tmp_path):
     assert read_dicom(_dicom_as(tmp_path / "dx.dcm", "DX", "1.2.840.10008.5.1.4.1.1.1.1")).shape == (64, 64)
     assert read_dicom(_dicom_as(tmp_path / "private.dcm", "CR", "1.2.3.4.5")).shape == (64, 64)
     # no modality, but the SOP class says CT
-    with pytest.raises(ImageError, match=r"ct_class\.dcm: DICOM is no modality \(CT Image Storage\)"):
+    with pytest.raises(ImageError, match=r"ct_class\.dcm: DICOM has no modality \(CT Image Storage\)"):
         read_dicom(_dicom_as(tmp_path / "ct_class.dcm", None, NON_RADIOGRAPHS["CT"]))
 
 

@@ -227,10 +227,10 @@ def _refusal(ds: pydicom.Dataset) -> str | None:
     known_class = bool(sop) and uid.type == "SOP Class"
     if modality in RADIOGRAPH_MODALITIES | LENIENT_MODALITIES and (not known_class or sop in RADIOGRAPH_SOP_CLASSES):
         return None
-    what = f"modality {modality}" if modality else "no modality"
+    what = f"is modality {modality}" if modality else "has no modality"
     if known_class:
         what += f" ({uid.name})"
-    return f"DICOM is {what}, not a projection radiograph (CR, DX or a Secondary Capture); {OVERRIDE_HINT}"
+    return f"DICOM {what}, not a projection radiograph (CR, DX or a Secondary Capture); {OVERRIDE_HINT}"
 
 
 def _decoded_bytes(ds: pydicom.Dataset, rows: int, cols: int, samples: int) -> tuple[int, int, int]:
