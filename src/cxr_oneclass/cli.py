@@ -49,13 +49,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-terms", help=f"'+'-joined terms of the anomaly score ({', '.join(TERM_NAMES)}), or auto: the sum of the auto candidates that does best on validation (needs --score-norm standardised)")
     g.add_argument("--score-norm", choices=("weights", "standardised"), help="paper lambdas, or terms standardised on validation normals")
     g.add_argument("--fdist-features", choices=("u", "z", "ez"), help="features whose distance from the training normals fdist measures")
+    g.add_argument("--target-sensitivity", type=float, help="the operating point: sensitivity on validation abnormals that sets the threshold")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
             action.help = f"{action.help or ''} (default: {getattr(preset, action.dest)} in {DEFAULT_PRESET}; the preset's otherwise)".lstrip()
 
 
-CONFIG_FLAGS = ("variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
+CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -104,16 +105,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runs import METRICS_FILE, SCORES_FILE, eval_dir
 
     out = Path(args.out) if args.out else eval_dir(args.run, args.split)
-    m = evaluate_run(args.run, args.data, args.split, out, progress=not args.quiet)
-    auc = m["auc"]
+    m = evaluate_run(args.run, args.data, args.split, out, progress=not args.quiet, prevalence=args.prevalence)
+    auc, ci = m["auc"], (m.get("ci95") or {})
     print(f"{args.split}: {m['n_normal']} normal + {m['n_abnormal']} abnormal")
-    print(f"AUC {auc:.4f}" if auc is not None else "AUC undefined (only one class present)")
+    if auc is None:
+        print("AUC undefined (only one class present)")
+    else:
+        print(f"AUC {auc:.4f}" + (f" (95% CI {ci['auc'][0]:.3f}-{ci['auc'][1]:.3f})" if ci.get("auc") else ""))
     comps = ", ".join(f"{k} {v:.4f}" for k, v in m["component_auc"].items() if v is not None)
     if comps:
         print(f"component AUC: {comps}")
     op = m.get("at_threshold")
     if op and op["sensitivity"] is not None and op["specificity"] is not None:
-        print(f"at stored threshold: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
+        interval = lambda k: f" ({ci[k][0]:.3f}-{ci[k][1]:.3f})" if ci.get(k) else ""  # noqa: E731
+        print(f"at stored threshold: sensitivity {op['sensitivity']:.3f}{interval('sensitivity')}, "
+              f"specificity {op['specificity']:.3f}{interval('specificity')}")
+        if op.get("ppv_at_prevalence") is not None:
+            print(f"at prevalence {op['prevalence']:g}: PPV {op['ppv_at_prevalence']:.3f}, NPV {op['npv_at_prevalence']:.3f}")
+    pop = m.get("population")
+    if pop and pop.get("warning"):
+        print(f"warning: {pop['warning']}", file=sys.stderr)
     print(f"wrote {out / METRICS_FILE} and {out / SCORES_FILE}")
     return 0
 
@@ -127,6 +138,27 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     if out.val_auc is not None:
         print(f"validation AUC {out.val_auc:.4f}")
     print(f"model written to {out.run_dir}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .jobs.calibrate import calibrate_run
+
+    out = calibrate_run(args.run, args.data, args.split, args.target_sensitivity, args.threshold)
+
+    def show(op: dict | None) -> str:
+        if not op:
+            return "none"
+        sens, spec = op["sensitivity"], op["specificity"]
+        return (f"threshold {op['threshold']:.4f}: sensitivity " + (f"{sens:.3f}" if sens is not None else "–")
+                + ", specificity " + (f"{spec:.3f}" if spec is not None else "–"))
+
+    print(f"on {out['split']} of {out['data']}")
+    print(f"before  {show(out['before'])}")
+    print(f"after   {show(out['after'])} ({out['calibration']['rule']})")
+    for w in out["calibration"]["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {Path(args.run) / 'config.json'} and MODEL_CARD.md; evaluations at the old threshold were removed")
     return 0
 
 
@@ -244,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data spec (default: the one the run was trained on)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--out", help="folder for metrics.json and scores.csv (default RUN/eval-SPLIT)")
+    e.add_argument("--prevalence", type=float, help="also give PPV and NPV at this prevalence of abnormal films (e.g. 0.1)")
     e.set_defaults(func=cmd_evaluate)
 
     rs = verb("rescore", "copy a trained run with another anomaly score (no retraining)")
@@ -263,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--any-modality", action="store_true", help="also score DICOM files that are not projection radiographs (CT, MR, ...)")
     s.add_argument("--heatmaps", metavar="DIR", help="folder for heat-map overlays (one PNG per image; the CSV names each)")
     s.set_defaults(func=cmd_score)
+
+    c = verb("calibrate", "set the operating point again (no training): a target sensitivity or a threshold")
+    c.add_argument("run")
+    c.add_argument("--data", help="a labelled data spec, e.g. a new site's films (default: the run's own data)")
+    c.add_argument("--split", default="val", choices=("train", "val", "test"), help="split of the data to calibrate on")
+    group = c.add_mutually_exclusive_group()
+    group.add_argument("--target-sensitivity", type=float, help="sensitivity on the split's abnormals (default: the run's, 0.95)")
+    group.add_argument("--threshold", type=float, help="a fixed threshold on the calibrated score scale")
+    c.set_defaults(func=cmd_calibrate)
 
     x = verb("experiment", "every variant and baseline x repeats on one split; Table-1-style results")
     x.add_argument("--data", required=True)

@@ -44,6 +44,8 @@ class Config:
     # standardised: each term centred and scaled on validation normals (median, IQR), then summed with weight 1.
     score_norm: str = "weights"
     fdist_features: str = "u"  # features of fdist: u (U's encoder, pooled), z (U's latent), ez (E's latent of x')
+    # --- operating point: the threshold is set on validation abnormals at this sensitivity (`calibrate` refits it)
+    target_sensitivity: float = 0.95
     # --- optimisation ---
     epochs: int = 15
     steps: int = 0  # optimiser steps; > 0 replaces epochs (the last pass over the data may be partial)
@@ -90,6 +92,8 @@ class Config:
             raise ConfigError(f"fdist-features must be u, z or ez, got {self.fdist_features!r}")
         if self.fdist_features == "ez" and not self.uses_e:
             raise ConfigError("fdist-features ez needs the encoder E (variant u+e or full)")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ConfigError(f"target-sensitivity must be in (0, 1], got {self.target_sensitivity}")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.noise_std < 0 or self.lr <= 0:

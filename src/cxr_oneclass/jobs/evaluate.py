@@ -14,6 +14,7 @@ from ..model.networks import OneClassGAN
 from ..runs import METRICS_FILE, SCORES_FILE, check_writable, eval_dir, load_run, run_dataset, staged
 from ..scoring.calibration import Calibration
 from ..scoring.inference import model_components, score_images
+from ..scoring.population import BatchCheck, Population
 
 
 def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False,
@@ -25,11 +26,11 @@ def score_set(model: OneClassGAN, calibration: Calibration | None, images: Image
 
 
 def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "test", out_dir: str | Path | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, prevalence: float | None = None) -> dict:
     """Score a split with a trained run; write metrics.json and scores.csv; return the metrics.
 
     Without `data`, the split comes from the data and split seed the run recorded, so it is exactly the split the
-    run was trained beside."""
+    run was trained beside. `prevalence` adds PPV and NPV at that prevalence of abnormal films."""
     model, calibration, doc = load_run(run_dir)
     cfg = model.cfg
     out = Path(out_dir) if out_dir is not None else eval_dir(run_dir, split)
@@ -37,7 +38,11 @@ def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: 
     ds = run_dataset(run_dir, doc, cfg.image_size, (split,), data)
     images = ds[split]
     scored = score_set(model, calibration, images, cfg.batch_size, progress=progress)
-    metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None)
+    metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None, prevalence)
+    if doc.get("population"):  # does this split look like the training population? (it should, for a test split)
+        check = BatchCheck(Population.from_dict(doc["population"]))
+        check.add(images.images)
+        metrics["population"] = check.verdict()
     metrics.update({"split": split, "data": ds.spec, "split_seed": ds.split_seed, "run": str(run_dir), "version": __version__})
     # Files of the split that could not be read are not in the metrics: say how many and which.
     metrics["unreadable"] = {"count": len(ds.skipped), "files": [{"file": e.path, "problem": e.problem} for e in ds.skipped]}

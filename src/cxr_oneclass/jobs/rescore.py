@@ -11,6 +11,7 @@ from typing import Any
 from ..data.types import Dataset
 from ..errors import ConfigError, DataError
 from ..io_utils import write_text
+from ..reporting.model_card import write_model_card
 from ..runs import HISTORY_FILE, DataProvenance, load_run, run_dataset, save_run, staged
 from ..scoring.selection import fit_score_and_calibration
 from ..scoring.stats import attach_stats
@@ -49,4 +50,5 @@ def rescore_run(run_dir: str | Path, out_dir: str | Path, data: str | Dataset | 
         save_run(part, model, scored.calibration, extra, DataProvenance.of(ds))
         if history_text is not None:
             write_text(part / HISTORY_FILE, history_text)
+        write_model_card(part, val)
     return TrainOutcome(out_dir, model, scored.calibration, [], ds, time.perf_counter() - t0, scored.val_auc, extra)

@@ -22,6 +22,7 @@ from ..errors import DataError, RunError
 from ..io_utils import write_csv
 from ..metrics import auc
 from ..model.networks import OneClassGAN
+from ..reporting.model_card import write_model_card
 from ..runs import (
     HISTORY_FILE,
     DataProvenance,
@@ -35,6 +36,7 @@ from ..runs import (
 )
 from ..scoring.calibration import Calibration
 from ..scoring.inference import score_images
+from ..scoring.population import fit_population
 from ..scoring.selection import fit_score_and_calibration, select_score_terms
 from ..scoring.stats import fit_score_stats, needs_stats
 from ..training import distributed
@@ -154,7 +156,9 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     model = result.model
     scored = fit_score_and_calibration(model, train, val)
     model.cfg = scored.cfg  # the run's score from now on (auto: the terms chosen on validation)
+    population = fit_population(train_normals, val_normals)
     extra = {
+        "population": population.to_dict(),
         "data_summary": ds.summary(),
         "train_seconds": round(result.seconds, 2),
         "val_auc": scored.val_auc,
@@ -165,5 +169,6 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     if main:
         save_run(part, model, scored.calibration, extra, prov)
         write_csv(part / HISTORY_FILE, result.history)
+        write_model_card(part, val)
         remove_checkpoint(part)
     return TrainOutcome(out_dir, model, scored.calibration, result.history, ds, time.perf_counter() - t0, scored.val_auc, extra)

@@ -74,5 +74,5 @@ def fit_score_and_calibration(model: OneClassGAN, train: ImageSet, val: ImageSet
         # Scored again through the model, not summed here, so the calibration sees the very float32 scores that
         # scoring (and the ONNX graph) will produce for the chosen terms.
         scored = score_images(model, calib_set.images, cfg.batch_size, cfg=cfg)
-    calibration = fit_calibration(scored["score"], calib_set.labels)
+    calibration = fit_calibration(scored["score"], calib_set.labels, cfg.target_sensitivity)
     return ScoreFit(cfg, calibration, auc(calib_set.labels, scored["score"]) if calib_set is val else None, selection)
