@@ -163,7 +163,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .jobs.score import NOT_SCORED, CsvSink, Scorer, iter_scores
+    from .data.studies import parse_views
+    from .io_utils import write_csv, write_json
+    from .jobs.score import NOT_SCORED, STUDY_COLUMNS, CsvSink, DicomResults, Scorer, iter_scores, study_rows
+    from .scoring.population import BatchCheck
 
     if args.onnx:  # an exported graph: every positional argument is an image or folder
         source, paths = args.onnx, [args.run, *args.paths]
@@ -171,19 +174,41 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise CxrError("no images to score: give RUN then one or more files or folders (or --onnx FILE PATH...)")
     else:
         source, paths = args.run, args.paths
+    try:
+        views = parse_views(args.views)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from exc
+    salt = args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT") or None
     scorer = Scorer(source)
-    columns = ["file", "score", "flag", "raw_score", *scorer.terms, *(["heatmap_file"] if args.heatmaps else []), "error"]
+    columns = ["file", "patient_id", "accession", "study_uid", "series_uid", "sop_uid", "view", "score", "normal_percentile",
+               "flag", "raw_score", *scorer.terms, "population_distance", "outside_population",
+               *(["heatmap_file"] if args.heatmaps else []), "error"]
+    for target in (args.studies_csv, args.json):  # checked before any work
+        if target:
+            try:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CxrError(f"cannot write {target}: {exc.strerror or exc}") from exc
     if args.heatmaps:
         try:
             Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CxrError(f"cannot write heat maps to {args.heatmaps}: {exc.strerror or exc}") from exc
+    dicom = DicomResults(scorer, args.dicom_out) if args.dicom_out else None
+    population = BatchCheck(scorer.population) if scorer.population is not None else None
     sink = CsvSink(columns, path=args.csv)  # prints to stdout without --csv
-    failed = []
+    records, rows, failed = [], [], []
     complete = False
     try:
-        for rec in iter_scores(scorer, paths, heatmap_dir=args.heatmaps, accept_any_modality=args.any_modality):
-            sink.write(rec.row(scorer.terms))
+        for rec in iter_scores(scorer, paths, heatmap_dir=args.heatmaps, keep_maps=dicom is not None, keep_images=dicom is not None,
+                               accept_any_modality=args.any_modality, views=views, population=population):
+            row = rec.row(scorer.terms, salt)
+            sink.write(row)
+            rows.append(row)
+            if dicom is not None:
+                dicom.add(rec)
+            rec.heatmap = rec.image = None  # pixels are not needed past this point
+            records.append(rec)
             if rec.flag == NOT_SCORED:
                 failed.append(rec)
         complete = True
@@ -191,8 +216,22 @@ def cmd_score(args: argparse.Namespace) -> int:
         sink.close(complete)
         if not complete and args.csv:
             print(f"interrupted: the {sink.rows} rows scored so far are in {sink.partial}", file=sys.stderr)
+    studies = study_rows(records, salt)
+    verdict = population.verdict() if population is not None else None
+    if args.studies_csv:
+        write_csv(args.studies_csv, studies, list(STUDY_COLUMNS))
+    if args.json:
+        cal = scorer.calibration
+        write_json(args.json, {"model": {"source": str(source), "threshold": cal.threshold if cal else None, "rule": cal.rule if cal else None,
+                                         "score_terms": scorer.score_terms}, "population": verdict, "images": rows, "studies": studies})
+    if dicom is not None:
+        written = dicom.finish(studies)
+        print(f"wrote {len(written)} DICOM object(s) under {args.dicom_out}", file=sys.stderr if not args.csv else sys.stdout)
+    skipped = sum(r["flag"] == "skipped" for r in rows)
     if args.csv:
-        print(f"wrote {sink.rows - len(failed)} scores to {args.csv}")
+        print(f"wrote {sink.rows - len(failed) - skipped} scores to {args.csv}" + (f" ({skipped} skipped)" if skipped else ""))
+    if verdict and verdict["warning"]:
+        print(f"warning: {verdict['warning']}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {sink.rows} inputs could not be scored (flag {NOT_SCORED}):", file=sys.stderr)
         for rec in failed:
@@ -293,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders")
     s.add_argument("--onnx", metavar="FILE", help="score with an exported .onnx graph instead of a run folder")
     s.add_argument("--csv", metavar="FILE", help="write the scores here (CSV) instead of printing them")
+    s.add_argument("--studies-csv", metavar="FILE", help="one row per study (StudyInstanceUID): its highest image score and flag")
+    s.add_argument("--json", metavar="FILE", help="images, studies, the population check and the operating point, as JSON")
+    s.add_argument("--dicom-out", metavar="DIR", help="DICOM results per study: a Structured Report and heat-map Secondary Captures")
+    s.add_argument("--views", default="PA,AP", help="views to score (PA, AP, LATERAL, OTHER, or all); others are skipped with the reason")
+    s.add_argument("--pseudonymise", metavar="SALT", help="replace patient IDs by a keyed hash (or set CXR_ONECLASS_SALT)")
     s.add_argument("--any-modality", action="store_true", help="also score DICOM files that are not projection radiographs (CT, MR, ...)")
     s.add_argument("--heatmaps", metavar="DIR", help="folder for heat-map overlays (one PNG per image; the CSV names each)")
     s.set_defaults(func=cmd_score)

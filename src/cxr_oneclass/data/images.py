@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
+from .sniff import sniff_dicom
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 MIN_SIDE = 16  # smaller than this is not a radiograph at any useful resolution
@@ -104,15 +105,14 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def is_dicom(path: Path) -> bool:
-    """DICOM by suffix, or by the 'DICM' magic at byte 128 (many archives store files without a suffix)."""
+    """DICOM by suffix, or by content (`sniff`: the 'DICM' magic, or a dataset without preamble), since many
+    archives store files without a suffix."""
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        return bool(sniff_dicom(path))
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def read_image(path: str | Path, target: int | None = None, accept_any_modality: bool = False) -> np.ndarray:

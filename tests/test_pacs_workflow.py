@@ -1,0 +1,132 @@
+"""A PACS export end to end, through the CLI: DICOM files without extensions and a DICOMDIR, two studies with a PA
+and a lateral each; per-image and per-study results keyed by the DICOM identifiers, laterals skipped with the
+reason, DICOM results (SR + SC) that dciodvfy accepts without errors and that read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.fileset import FileSet
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+from conftest import blob_images
+from cxr_oneclass.cli import main
+
+TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
+PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
+
+
+def write_dx(path: Path, patient: str, study_uid: str, view: str, pixels: np.ndarray, accession: str) -> Dataset:
+    """A DX image as a PACS exports it (no file extension)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Test^{patient}", patient, "19700101", "O"
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20261130", "101500", "1"
+    ds.AccessionNumber, ds.ReferringPhysicianName = accession, ""
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 1 if view == "PA" else 2, 1
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", view, "CHEST"
+    ds.PresentationIntentType, ds.PatientOrientation, ds.ImageType = "FOR PRESENTATION", ["P", "F"], ["ORIGINAL", "PRIMARY"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A trained tiny run, and a PACS export: study A as loose files without extensions, study B through a DICOMDIR."""
+    root = tmp_path_factory.mktemp("pacs")
+    run = root / "run"
+    assert main(["-q", "train", "--data", PHANTOM, "--out", str(run), *TINY]) == 0
+    images = blob_images(4, 64, seed=3)
+    studies = {}
+    for k, (patient, accession) in enumerate((("PAT-A", "ACC1"), ("PAT-B", "ACC2"))):
+        uid = generate_uid()
+        studies[patient] = uid
+        folder = root / ("loose" if k == 0 else "cd")
+        for j, view in enumerate(("PA", "LL")):
+            write_dx(folder / f"S{k}" / f"IM{j}", patient, uid, view, images[2 * k + j], accession)
+    fs = FileSet()
+    for f in sorted((root / "cd").rglob("IM*")):
+        fs.add(pydicom.dcmread(f))
+    fs.write(root / "cdset")
+    shutil.rmtree(root / "cd")
+    return root, run, studies
+
+
+def test_a_pacs_export_scores_by_study_with_dicom_results(export, tmp_path, capsys):
+    root, run, studies = export
+    out = tmp_path / "out"
+    argv = ["score", str(run), str(root / "loose"), str(root / "cdset" / "DICOMDIR"), "--csv", str(out / "images.csv"),
+            "--studies-csv", str(out / "studies.csv"), "--json", str(out / "results.json"), "--dicom-out", str(out / "dicom"),
+            "--pseudonymise", "secret"]
+    assert main(argv) == 0
+    images = list(csv.DictReader(open(out / "images.csv")))
+    assert len(images) == 4  # files without extensions found by content, and through the DICOMDIR
+    laterals = [r for r in images if r["view"] == "LATERAL"]
+    frontals = [r for r in images if r["view"] == "PA"]
+    assert len(laterals) == 2 and all(r["flag"] == "skipped" and "not one of PA, AP" in r["error"] for r in laterals)
+    assert len(frontals) == 2 and all(r["flag"] in ("normal", "abnormal") and r["sop_uid"] and r["series_uid"] for r in frontals)
+    assert {r["study_uid"] for r in images} == set(studies.values()) and {r["accession"] for r in images} == {"ACC1", "ACC2"}
+    assert not {"PAT-A", "PAT-B"} & {r["patient_id"] for r in images}  # pseudonymised
+    assert all(r["normal_percentile"] != "" for r in frontals)
+    study_rows = list(csv.DictReader(open(out / "studies.csv")))
+    assert len(study_rows) == 2
+    for row in study_rows:
+        frontal = next(r for r in frontals if r["study_uid"] == row["study_uid"])
+        assert (row["n_images"], row["n_scored"], row["n_skipped"]) == ("2", "1", "1")
+        assert row["score"] == frontal["score"] and row["flag"] == frontal["flag"] and row["top_image"] == frontal["file"]
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["images"]) == 4 and len(doc["studies"]) == 2 and doc["model"]["threshold"] is not None
+    # DICOM results: per study one SR, and one SC per scored image, in that study
+    for patient, uid in studies.items():
+        objects = [pydicom.dcmread(f) for f in sorted((out / "dicom" / uid).glob("*.dcm"))]
+        assert sorted(o.SOPClassUID.name for o in objects) == ["Comprehensive SR Storage", "Secondary Capture Image Storage"]
+        frontal = next(r for r in frontals if r["study_uid"] == uid)
+        for o in objects:  # in the study, with the real patient (DICOM results go back to the PACS, not out of it)
+            assert o.StudyInstanceUID == uid and o.PatientID == patient and "Not for diagnostic use" in o.SeriesDescription
+        sr = next(o for o in objects if o.Modality == "SR")
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+        assert {item.ReferencedSOPInstanceUID for item in evidence} == {frontal["sop_uid"]}  # the scored image, not the lateral
+        numbers = [float(v.MeasuredValueSequence[0].NumericValue) for v in _items(sr) if "MeasuredValueSequence" in v]
+        assert any(abs(n - float(frontal["score"])) < 1e-4 for n in numbers)  # the study's (and the image's) score
+        sc = next(o for o in objects if o.Modality != "SR")
+        assert sc.SamplesPerPixel == 3 and sc.SourceImageSequence[0].ReferencedSOPInstanceUID == frontal["sop_uid"]
+        if shutil.which("dciodvfy") is None:
+            pytest.skip("dciodvfy (dicom3tools) not installed")
+        for f in (out / "dicom" / uid).glob("*.dcm"):
+            result = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+            assert not errors, (f, errors)
+
+
+def _items(ds):
+    """Every content item of an SR, depth first."""
+    for item in getattr(ds, "ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def test_views_flag_and_unknown_views(export, tmp_path, capsys):
+    root, run, _ = export
+    assert main(["score", str(run), str(root / "loose"), "--views", "all"]) == 0
+    rows = list(csv.DictReader(__import__("io").StringIO(capsys.readouterr().out)))
+    assert len(rows) == 2 and all(r["flag"] in ("normal", "abnormal") for r in rows)
+    assert main(["score", str(run), str(root / "loose"), "--views", "sideways"]) == 2
+    assert "sideways" in capsys.readouterr().err
