@@ -78,6 +78,7 @@ def test_experiment_report_has_every_section(experiment, experiment_report):
         assert label in ops
     assert ops.count("<td>full</td>") == 4 and ops.count("<td>u</td>") == 4
     assert "±" in ops  # mean ± std over the two repeats
+    assert "95% CI" in ops and "population shift" in ops  # bootstrap intervals and the population check, per run
 
 
 def test_experiment_subgroups_by_kind(experiment_report):

@@ -263,6 +263,24 @@ def operating_section(src: Source) -> Section:
         s.note("No evaluated runs: no operating points.")
         return s
     s.table(["method", "operating point", "threshold", "sensitivity", "specificity", "PPV", "NPV", "normals auto-cleared", "flagged"], rows)
+    ci_rows, shift_rows = [], []
+    for r in src.runs:
+        m = r.metrics or {}
+        ci = m.get("ci95") or {}
+        if ci.get("auc"):
+            ci_rows.append([r.name, fmt(m.get("auc")), *(f"{ci[k][0]:.3f}-{ci[k][1]:.3f}" if ci.get(k) else "–"
+                                                          for k in ("auc", "sensitivity", "specificity"))])
+        pop = m.get("population")
+        if pop:
+            shift_rows.append([r.name, str(pop["n"]), f"{pop['shift']:.3f} (limit {pop['shift_limit']})", f"{pop['share_outside']:.1%}",
+                               "**warning**" if pop.get("warning") else "no"])
+    if ci_rows:
+        s.table(["run", "test AUC", "95% CI", "sensitivity 95% CI (stored threshold)", "specificity 95% CI"], ci_rows)
+        s.p("Percentile bootstrap, 1,000 resamples of the test split, normals and abnormals resampled separately.")
+    if shift_rows:
+        s.table(["run", "test films", "population shift", "outside one by one", "warned"], shift_rows)
+        s.p("Whether the test films look like the training population (scoring/population.py): a shift above the limit "
+            "warns that scores may not mean here what they mean on the training data.")
     s.p("An image is flagged when its normalised score is at or above the threshold; “normals auto-cleared” is the "
         "fraction of normal test images below it (they could skip the radiologist's queue). The stored threshold was "
         "fixed on validation data; the fixed-sensitivity thresholds are chosen on the test scores themselves (what "
