@@ -240,6 +240,45 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .data.studies import parse_views
+    from .jobs.serve import serve
+
+    try:
+        views = parse_views(args.views)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from exc
+    print(f"serving {args.run} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    serve(args.run, args.host, args.port, args.db, args.token, views, args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"),
+          args.max_batch, args.max_wait_ms, "info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from .data.studies import parse_views
+    from .jobs.listen import listen
+
+    try:
+        views = parse_views(args.views)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from exc
+    allowed = set(args.allow) if args.allow else None
+    dest = None
+    if args.send_sr:
+        host, _, rest = args.send_sr.partition(":")
+        port, _, aet = rest.partition(":")
+        if not (host and port.isdigit() and aet):
+            raise CxrError(f"--send-sr wants HOST:PORT:AE_TITLE, not {args.send_sr!r}")
+        dest = (host, int(port), aet)
+
+    def ready(receiver: object) -> None:
+        print(f"listening as {args.ae_title} on {args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+
+    listen(args.run, ae_title=args.ae_title, host=args.host, port=args.port, db=args.db, allowed_aes=allowed, sr_destination=dest,
+           views=views, salt=args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"), ready=ready)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .jobs.export import export_run
 
@@ -373,6 +412,30 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
     o.set_defaults(func=cmd_export)
+
+    sv = verb("serve", "the triage service: HTTP API, worklist page, results database")
+    sv.add_argument("run")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --token)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--db", help="results database (SQLite; default RUN/triage.sqlite)")
+    sv.add_argument("--token", help="bearer token the API requires (or CXR_ONECLASS_TOKEN)")
+    sv.add_argument("--views", default="PA,AP", help="views to score; others are stored as skipped")
+    sv.add_argument("--pseudonymise", metavar="SALT", help="store patient IDs as a keyed hash (or CXR_ONECLASS_SALT)")
+    sv.add_argument("--max-batch", type=int, default=32, help="most images scored together (micro-batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="longest an image waits for others to join its batch")
+    sv.set_defaults(func=cmd_serve)
+
+    ls = verb("listen", "a DICOM receiver (C-ECHO, C-STORE) that scores what it is sent into the results database")
+    ls.add_argument("run")
+    ls.add_argument("--ae-title", default="CXR1C")
+    ls.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --allow)")
+    ls.add_argument("--port", type=int, default=11112)
+    ls.add_argument("--db", help="results database (SQLite; default RUN/triage.sqlite, shared with `serve`)")
+    ls.add_argument("--allow", nargs="+", metavar="AE", help="calling AE titles allowed to send (default: any, on loopback)")
+    ls.add_argument("--send-sr", metavar="HOST:PORT:AE", help="send each scored study's DICOM SR there (C-STORE)")
+    ls.add_argument("--views", default="PA,AP", help="views to score; others are stored as skipped")
+    ls.add_argument("--pseudonymise", metavar="SALT", help="store patient IDs as a keyed hash (or CXR_ONECLASS_SALT)")
+    ls.set_defaults(func=cmd_listen)
 
     d = verb("demo", "the whole job on generated phantom radiographs")
     d.add_argument("--out", default="runs/demo")
