@@ -85,7 +85,7 @@ def worklist_page(worklist: dict, summary: dict, model: dict) -> str:
         + f"{summary.get('abnormal', 0)} abnormal, {summary.get('error', 0)} need review (not scored), "
         + f"{summary.get('skipped', 0)} with no frontal film. Studies needing review come first, then by score.</div>"
         + "<div id='dropzone'>Drop DICOM or PNG films here, or <label><u>choose files</u>"
-        + "<input id='file-input' type='file' multiple hidden></label><div id='upload-status'></div></div>"
+        + "<input id='file-input' type='file' multiple></label><div id='upload-status'></div></div>"
         + "<table id='worklist'><thead><tr><th>#</th><th>flag</th><th>score</th><th>patient</th><th>accession</th><th>date</th>"
         + f"<th>films scored</th><th>top film</th><th></th></tr></thead><tbody>{body}</tbody></table>"
         + f"<script>{TOGGLE_JS}{UPLOAD_JS}</script></body></html>"
