@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -16,7 +17,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ComprehensiveSRStorage, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from conftest import blob_images
@@ -82,8 +89,9 @@ def triage(run, tmp_path):
 
 
 @pytest.fixture
-def receiver(triage):
-    r = Receiver(triage, port=0)  # port 0: the system picks a free one, no race with other processes
+def receiver(triage, tmp_path):
+    # port 0: the system picks a free one, no race with other processes; received files spool in tmp_path
+    r = Receiver(triage, port=0, tmp_dir=tmp_path / "spool")
     r.start()
     yield r
     r.stop()
@@ -149,6 +157,7 @@ def test_stored_images_are_scored_listed_by_study_and_never_twice(receiver, tria
     assert res.returncode == 0, res.stderr
     assert store.count_images() == 4 and store.worklist(limit=100)["total"] == 2
     assert receiver.received == 8 and receiver.failed == 0
+    assert not list(receiver.tmp_dir.iterdir())  # every received file deleted once stored
 
 
 @needs_dcmtk
@@ -170,6 +179,19 @@ def test_bad_image_is_acknowledged_and_stored_as_error(receiver, triage, tmp_pat
     assert res.returncode == 0, res.stderr
     rec = triage.store.find(sop_uid=str(ds.SOPInstanceUID))
     assert rec is not None and rec["flag"] == "error" and rec["error"]
+
+
+@needs_dcmtk
+def test_implicit_vr_and_compressed_transfer_syntaxes_are_scored(receiver, triage, tmp_path):
+    implicit = write_dx(tmp_path / "implicit.dcm", generate_uid(), seed=5)
+    rle = write_dx(tmp_path / "rle.dcm", generate_uid(), seed=6)
+    rle.compress(RLELossless)  # pydicom's own encoder and decoder: always there
+    rle.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    assert storescu(receiver.port, tmp_path / "implicit.dcm", extra=("-xi",)).returncode == 0  # implicit VR only
+    assert storescu(receiver.port, tmp_path / "rle.dcm", extra=("-xr",)).returncode == 0  # RLE, as the file is
+    for ds in (implicit, rle):
+        rec = triage.store.find(sop_uid=str(ds.SOPInstanceUID))
+        assert rec is not None and rec["flag"] in ("normal", "abnormal"), rec
 
 
 @needs_dcmtk
@@ -231,6 +253,24 @@ def test_sr_of_each_scored_study_is_sent_back(triage, sr_sink, tmp_path):
 
 
 @needs_dcmtk
+def test_sr_destination_down_is_logged_and_receiving_goes_on(triage, tmp_path, caplog):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    r = Receiver(triage, port=0, sr_destination=("127.0.0.1", closed, "NOBODY"))
+    r.start()
+    try:
+        for k in range(2):
+            write_dx(tmp_path / f"pa{k}.dcm", generate_uid(), seed=k)
+            assert storescu(r.port, tmp_path / f"pa{k}.dcm").returncode == 0
+            assert wait_for(lambda k=k: r.srs_failed == k + 1)
+        assert triage.store.count_images() == 2 and r.srs_sent == 0
+    finally:
+        r.stop()
+    assert any("SR not sent" in rec.getMessage() for rec in caplog.records)
+
+
+@needs_dcmtk
 def test_hundred_studies_in_one_association(receiver, triage, tmp_path):
     folder = tmp_path / "hundred"
     uids = [generate_uid() for _ in range(100)]
@@ -265,7 +305,7 @@ def test_store_failure_answers_a_failure_status(receiver, triage, tmp_path, monk
         assoc.release()
     assert status.Status == STATUS_CANNOT_PROCESS and "cannot store" in status.ErrorComment
     assert receiver.failed == 1 and receiver.received == 0
-    assert not list(Path(receiver.tmp_dir or tmp_path).glob("cxr-cstore-*"))
+    assert not list(receiver.tmp_dir.iterdir())
 
 
 @needs_dcmtk

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 from .config import DEFAULT_PRESET, PRESETS, VARIANTS, resolve
@@ -271,8 +272,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             raise CxrError(f"--send-sr wants HOST:PORT:AE_TITLE, not {args.send_sr!r}")
         dest = (host, int(port), aet)
 
-    def ready(receiver: object) -> None:
-        print(f"listening as {args.ae_title} on {args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    def ready(receiver: Any) -> None:
+        print(f"listening as {args.ae_title} on {args.host}:{receiver.port} (Ctrl-C to stop)", flush=True)
 
     listen(args.run, ae_title=args.ae_title, host=args.host, port=args.port, db=args.db, allowed_aes=allowed, sr_destination=dest,
            views=views, salt=args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"), ready=ready)

@@ -34,7 +34,7 @@ def listen(run_dir: str | Path, ae_title: str = DEFAULT_AE_TITLE, host: str = "1
         receiver = Receiver(triage, ae_title=ae_title, host=host, port=port, allowed_aes=allowed, sr_destination=sr_destination)
         receiver.start()
         try:
-            log.info("receiving as %s on %s:%d into %s", receiver.ae_title, host, receiver.port, db_path)
+            log.info("results of %s go to %s", run_dir, db_path)
             if ready is not None:
                 ready(receiver)
             # A timed wait: the main thread must wake up for Ctrl-C and SIGTERM on every platform.

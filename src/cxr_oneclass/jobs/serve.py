@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from pathlib import Path
 
 from ..data.studies import DEFAULT_VIEWS
 from ..errors import CxrError
+from ..service.dicom_scp import is_loopback
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CXR_ONECLASS_TOKEN"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, db: str | Path | None = None, token: str | None = None,

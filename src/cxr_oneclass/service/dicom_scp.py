@@ -19,6 +19,7 @@ results database, and optionally sends each scored study's Structured Report bac
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tempfile
@@ -52,7 +53,6 @@ from pynetdicom.sop_class import Verification
 
 from ..errors import ConfigError
 from ..jobs.score import ABNORMAL, NORMAL, NOT_SCORED
-from ..jobs.serve import is_loopback
 from ..reporting.dicom_out import ImageResult, ModelInfo, StudyResult, write_study_sr
 from .triage import Triage
 
@@ -96,9 +96,20 @@ def check_ae_title(value: str, what: str) -> str:
     return title
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address; a host name is not resolved (what it resolves to can change)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_exposure(host: str, allowed_aes: Iterable[str] | None) -> None:
     """Refuse to listen beyond this machine without a calling AE title allow-list: DICOM has no authentication, so
-    anyone who can reach the port could fill the database (or read results back through the SR send-back)."""
+    anyone who can reach the port could put studies on the worklist. AE titles are no secret either: the allow-list
+    is the least, a firewall in front of the port the rest."""
     if allowed_aes is None and not is_loopback(host):
         raise ConfigError(f"listening on {host} (not this machine only) lets anyone on the network send images: give the "
                           "calling AE titles allowed to send (--allow AE ...), or listen on 127.0.0.1")
@@ -145,6 +156,11 @@ class Receiver:
         self.sr_destination = self._check_destination(sr_destination)
         self.sr_delay_s, self.max_studies = sr_delay_s, max_studies
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
+        if self.tmp_dir is not None:
+            try:
+                self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot use {self.tmp_dir} for received files: {exc.strerror or exc}") from exc
         self.received = self.failed = self.srs_sent = self.srs_failed = 0
 
         self.ae = AE(ae_title=self.ae_title)
@@ -156,6 +172,7 @@ class Receiver:
             self.ae.require_calling_aet = sorted(self.allowed_aes)  # rejected at association: nothing is received
         self._server: Any = None
         self._lock = threading.Lock()  # counters, headers, pending SRs, start/stop
+        self._stop_lock = threading.Lock()  # a second stop() waits for the first to finish
         self._stopped = threading.Event()
 
         # SR send-back state: headers per study (LRU, bounded), studies due for an SR, studies per open association.
@@ -197,6 +214,8 @@ class Receiver:
         with self._lock:
             if self._server is not None:
                 return
+            self._stopped.clear()
+            self._closing = False
             handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                         (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_CONN_CLOSE, self._on_close)]
             try:
@@ -214,11 +233,14 @@ class Receiver:
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting; let associations in progress finish (up to `grace_s`, then abort them); send the SRs due
         (up to `grace_s`). Safe to call twice, and from any thread."""
-        with self._lock:
-            server, self._server = self._server, None
-        if server is None:
+        with self._stop_lock:
+            with self._lock:
+                server, self._server = self._server, None
+            if server is not None:
+                self._shutdown(server, grace_s)
             self._stopped.set()
-            return
+
+    def _shutdown(self, server: Any, grace_s: float) -> None:
         server.shutdown()  # no new associations; those open go on in their threads
         deadline = time.monotonic() + grace_s
         while self.ae.active_associations and time.monotonic() < deadline:
@@ -235,7 +257,6 @@ class Receiver:
                 log.warning("SR sender still busy after %.0f s; %d study SR(s) not sent", grace_s, len(self._pending))
         log.info("DICOM receiver stopped: %d image(s) received, %d refused, %d SR(s) sent, %d SR send(s) failed",
                  self.received, self.failed, self.srs_sent, self.srs_failed)
-        self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stopped (True) or `timeout` passes (False)."""
