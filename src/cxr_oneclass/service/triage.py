@@ -24,7 +24,7 @@ from .store import ResultStore
 
 log = logging.getLogger(__name__)
 
-THUMB = 4  # thumbnails and overlays are the model's image enlarged 4x (nearest): 64 px -> 256 px
+THUMB = 1  # stored at the model's resolution: the page enlarges them (pixelated), and encoding is per request
 
 
 def png_bytes(rgb_or_grey: np.ndarray, upscale: int = THUMB) -> bytes:
