@@ -91,6 +91,10 @@ def test_upload_worklist_study_pictures_and_model(server):
     assert wl["total"] == 3 and [s["score"] for s in wl["items"]] == sorted((s["score"] for s in wl["items"]), reverse=True)
     page = httpx.get(f"{server.url}/v1/studies", params={"limit": 2, "offset": 2}).json()
     assert page["total"] == 3 and len(page["items"]) == 1
+    today = wl["items"][0]["date"]
+    assert httpx.get(f"{server.url}/v1/studies", params={"date_from": today, "date_to": today}).json()["total"] == 3
+    assert httpx.get(f"{server.url}/v1/studies", params={"date_from": "29991231"}).json()["total"] == 0
+    assert httpx.get(f"{server.url}/v1/studies", params={"date_from": "yesterday"}).status_code == 422
     flag = wl["items"][0]["flag"]
     assert all(s["flag"] == flag for s in httpx.get(f"{server.url}/v1/studies", params={"flag": flag}).json()["items"])
     study = httpx.get(f"{server.url}/v1/studies/{wl['items'][0]['study_key']}").json()

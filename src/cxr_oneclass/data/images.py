@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,14 +73,12 @@ def one_file(path: str | os.PathLike[str], what: str = "cannot decode") -> Itera
         raise error_for(path, exc, what) from exc
 
 
-def find_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Image files (by suffix) anywhere below `root`, following symbolic links to folders, sorted.
-
-    (`Path.rglob` does not follow folder links before Python 3.13.) Each folder is walked once, by its device and
-    inode, so a link loop ends and two links to one folder do not list its images twice. Unreadable folders and
-    broken links are skipped, as `rglob` does.
-    """
+def walk_files(root: str | os.PathLike[str], keep: Callable[[os.DirEntry], bool]) -> tuple[list[Path], list[ImageError]]:
+    """Regular files below `root` that `keep` accepts, following symbolic links to folders (`Path.rglob` does not
+    before Python 3.13), each folder once by its device and inode (a link loop ends; two links to one folder do not
+    list it twice); and an error for each folder or file that could not be read (it may hold images)."""
     found: list[Path] = []
+    errors: list[ImageError] = []
     seen: set[tuple[int, int]] = set()
     stack = [os.fspath(root)]
     while stack:
@@ -90,18 +88,26 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir():  # follows links
-                            stack.append(entry.path)
-                        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
-                            found.append(Path(entry.path))
-                    except OSError:
-                        continue
-        except OSError:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            errors.append(ImageError(folder, f"cannot list folder ({exc.strerror or exc})"))
             continue
-    return sorted(found)
+        for entry in entries:
+            try:
+                if entry.is_dir():  # follows links
+                    stack.append(entry.path)
+                elif entry.is_file() and keep(entry):  # not a broken link, socket or fifo
+                    found.append(Path(entry.path))
+            except OSError as exc:
+                errors.append(ImageError(entry.path, f"cannot read ({exc.strerror or exc})"))
+    return found, errors
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """Image files (by suffix) anywhere below `root`, following symbolic links to folders, sorted; unreadable
+    folders and broken links are skipped, as `rglob` does."""
+    return sorted(walk_files(root, lambda e: Path(e.name).suffix.lower() in IMAGE_SUFFIXES)[0])
 
 
 def is_dicom(path: Path) -> bool:

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ImageError
-from .images import IMAGE_SUFFIXES, problem_of
+from .images import IMAGE_SUFFIXES, problem_of, walk_files
 from .sniff import sniff_dicom
 
 if TYPE_CHECKING:  # pydicom is imported when a DICOM shows up, as images.py does
@@ -106,37 +106,21 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[
 
 
 def _walk(root: Path) -> tuple[list[Path], list[ImageError]]:
-    """Image and DICOM files below `root`, following folder links, each folder once (as `images.find_images`)."""
+    """Image and DICOM files below `root` (`images.walk_files`: folder links followed, each folder once); a
+    DICOMDIR found there brings the files it references."""
+    def keep(entry: os.DirEntry) -> bool:
+        name = entry.name
+        return name.upper() == DICOMDIR_NAME or Path(name).suffix.lower() in IMAGE_SUFFIXES or bool(sniff_dicom(entry.path))
+
+    walked, errors = walk_files(root, keep)
     found: list[Path] = []
-    errors: list[ImageError] = []
-    seen: set[tuple[int, int]] = set()
-    stack = [os.fspath(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError as exc:
-            errors.append(ImageError(folder, f"cannot list folder ({exc.strerror or exc})"))
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir():  # follows links
-                    stack.append(entry.path)
-                elif not entry.is_file():
-                    continue  # a broken link, socket, fifo: nothing to read
-                elif entry.name.upper() == DICOMDIR_NAME:
-                    files, problems = _dicomdir_files(Path(entry.path))
-                    found += files
-                    errors += problems
-                elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES or sniff_dicom(entry.path):
-                    found.append(Path(entry.path))
-            except OSError as exc:  # unreadable: it may be an image, so say so rather than drop it
-                errors.append(ImageError(entry.path, f"cannot read ({exc.strerror or exc})"))
+    for path in walked:
+        if path.name.upper() == DICOMDIR_NAME:
+            files, problems = _dicomdir_files(path)
+            found += files
+            errors += problems
+        else:
+            found.append(path)
     return found, errors
 
 
