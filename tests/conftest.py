@@ -43,6 +43,48 @@ def write_folder_dataset(root: Path, size: int = 32, n_train: int = 24, n_eval: 
     return root
 
 
+def write_dx(path: Path, study_uid: str, view: str = "PA", patient: str = "PAT-1", accession: str | None = None,
+             pixels: np.ndarray | None = None, seed: int = 0):
+    """A DX image as a modality or a PACS export has it (no file extension needed): MONOCHROME2, 16 bits allocated
+    (12 stored); `pixels` uint8 (scaled to 12 bits) or uint16 as is, else a blob image of `seed`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    if pixels is None:
+        pixels = blob_images(1, 64, seed=seed)[0]
+    if pixels.dtype == np.uint8:
+        pixels = pixels.astype(np.uint16) * 16
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Test^{patient}", patient, "19700101", "O"
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20261130", "101500", "1"
+    ds.AccessionNumber, ds.ReferringPhysicianName = accession or f"ACC-{patient}", ""
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 1 if view == "PA" else 2, 1
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", view, "CHEST"
+    ds.PresentationIntentType, ds.PatientOrientation, ds.ImageType = "FOR PRESENTATION", ["P", "F"], ["ORIGINAL", "PRIMARY"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return write_folder_dataset(tmp_path / "data")

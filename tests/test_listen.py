@@ -13,10 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     ComprehensiveSRStorage,
     DigitalXRayImageStorageForPresentation,
@@ -26,7 +25,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from conftest import blob_images
+from conftest import write_dx
 from cxr_oneclass.cli import main
 from cxr_oneclass.errors import CxrError
 from cxr_oneclass.jobs.listen import listen
@@ -40,33 +39,6 @@ PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,
 SCU = "TESTSCU"
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("echoscu") is None,
                                  reason="dcmtk (echoscu, storescu) is not installed")
-
-
-def write_dx(path: Path, study_uid: str, view: str = "PA", seed: int = 0, patient: str = "PAT-1",
-             pixels: np.ndarray | None = None) -> Dataset:
-    """A DX image as a modality sends it: MONOCHROME2, 64x64, 16 bits allocated (12 stored)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Test^{patient}", patient, "19700101", "O"
-    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20261130", "101500", "1"
-    ds.AccessionNumber, ds.ReferringPhysicianName = f"ACC-{patient}", ""
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 1 if view == "PA" else 2, 1
-    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", view, "CHEST"
-    ds.PresentationIntentType, ds.PatientOrientation, ds.ImageType = "FOR PRESENTATION", ["P", "F"], ["ORIGINAL", "PRIMARY"]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = 64, 64
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixels is None:
-        pixels = blob_images(1, 64, seed=seed)[0].astype(np.uint16) * 16
-    ds.PixelData = pixels.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return ds
 
 
 def storescu(port: int, *files: Path | str, aet: str = SCU, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -174,7 +146,9 @@ def test_lateral_is_stored_as_skipped(receiver, triage, tmp_path):
 def test_bad_image_is_acknowledged_and_stored_as_error(receiver, triage, tmp_path):
     """A receipt is not a verdict: an image that cannot be decoded is stored as an error (needs review), and the
     sender is told it was received, so that it does not retry forever."""
-    ds = write_dx(tmp_path / "bad.dcm", generate_uid(), pixels=np.zeros((16, 64), np.uint16))  # 16 rows of 64
+    ds = write_dx(tmp_path / "bad.dcm", generate_uid())
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4]  # a quarter of the pixels the header promises
+    ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
     res = storescu(receiver.port, tmp_path / "bad.dcm")
     assert res.returncode == 0, res.stderr
     rec = triage.store.find(sop_uid=str(ds.SOPInstanceUID))

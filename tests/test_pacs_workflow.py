@@ -8,44 +8,17 @@ import csv
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from conftest import blob_images
+from conftest import blob_images, write_dx
 from cxr_oneclass.cli import main
 
 TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
 PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
-
-
-def write_dx(path: Path, patient: str, study_uid: str, view: str, pixels: np.ndarray, accession: str) -> Dataset:
-    """A DX image as a PACS exports it (no file extension)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"Test^{patient}", patient, "19700101", "O"
-    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20261130", "101500", "1"
-    ds.AccessionNumber, ds.ReferringPhysicianName = accession, ""
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 1 if view == "PA" else 2, 1
-    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", view, "CHEST"
-    ds.PresentationIntentType, ds.PatientOrientation, ds.ImageType = "FOR PRESENTATION", ["P", "F"], ["ORIGINAL", "PRIMARY"]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return ds
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +34,7 @@ def export(tmp_path_factory):
         studies[patient] = uid
         folder = root / ("loose" if k == 0 else "cd")
         for j, view in enumerate(("PA", "LL")):
-            write_dx(folder / f"S{k}" / f"IM{j}", patient, uid, view, images[2 * k + j], accession)
+            write_dx(folder / f"S{k}" / f"IM{j}", uid, view, patient, accession, pixels=images[2 * k + j])
     fs = FileSet()
     for f in sorted((root / "cd").rglob("IM*")):
         fs.add(pydicom.dcmread(f))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import blob_images
+from conftest import blob_images, free_port
 from cxr_oneclass.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
 PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
