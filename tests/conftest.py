@@ -86,6 +86,30 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A private decode cache for one test."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("CXR_ONECLASS_CACHE", str(d))
+    return d
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """Names of the files actually decoded (data.decode.load_image wrapped)."""
+    calls: list[str] = []
+    from cxr_oneclass.data import decode as sources
+
+    real = sources.load_image
+
+    def spy(path, size):
+        calls.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(sources, "load_image", spy)
+    return calls
+
+
+@pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return write_folder_dataset(tmp_path / "data")
 

@@ -18,27 +18,6 @@ from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.types import Record
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "cache"
-    monkeypatch.setenv("CXR_ONECLASS_CACHE", str(d))
-    return d
-
-
-@pytest.fixture
-def counted(monkeypatch) -> list[str]:
-    """Names of the files actually decoded (sources.load_image wrapped)."""
-    calls: list[str] = []
-    real = sources.load_image
-
-    def spy(path, size):
-        calls.append(Path(path).name)
-        return real(path, size)
-
-    monkeypatch.setattr(sources, "load_image", spy)
-    return calls
-
-
 def _records(root: Path, n: int = 12, size: int = 24) -> list[Record]:
     root.mkdir(parents=True, exist_ok=True)
     recs = []

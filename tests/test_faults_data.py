@@ -33,27 +33,6 @@ from cxr_oneclass.errors import ImageError
 from test_dicom import make_dataset, ramp, write_dicom
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "cache"
-    monkeypatch.setenv("CXR_ONECLASS_CACHE", str(d))
-    return d
-
-
-@pytest.fixture
-def counted(monkeypatch) -> list[str]:
-    """Names of the files actually decoded (decode.load_image wrapped)."""
-    calls: list[str] = []
-    real = sources.load_image
-
-    def spy(path, size):
-        calls.append(Path(path).name)
-        return real(path, size)
-
-    monkeypatch.setattr(sources, "load_image", spy)
-    return calls
-
-
 def _pngs(root: Path, n: int = 6, size: int = 24) -> list[Record]:
     root.mkdir(parents=True, exist_ok=True)
     recs = []

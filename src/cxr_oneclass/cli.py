@@ -64,6 +64,15 @@ def config_from_args(args: argparse.Namespace):
     return resolve(args.preset, **{k: getattr(args, k) for k in CONFIG_FLAGS})
 
 
+def _views(text: str) -> set[str]:
+    from .data.studies import parse_views
+
+    try:
+        return parse_views(text)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from exc
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .jobs.train import resume_run, train_run
     from .runtime import pick_device
@@ -164,7 +173,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .data.studies import parse_views
     from .io_utils import write_csv, write_json
     from .jobs.score import NOT_SCORED, STUDY_COLUMNS, CsvSink, DicomResults, Scorer, iter_scores, study_rows
     from .scoring.population import BatchCheck
@@ -175,10 +183,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise CxrError("no images to score: give RUN then one or more files or folders (or --onnx FILE PATH...)")
     else:
         source, paths = args.run, args.paths
-    try:
-        views = parse_views(args.views)
-    except ValueError as exc:
-        raise CxrError(str(exc)) from exc
+    views = _views(args.views)
     salt = args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT") or None
     scorer = Scorer(source)
     columns = ["file", "patient_id", "accession", "study_uid", "series_uid", "sop_uid", "view", "score", "normal_percentile",
@@ -242,13 +247,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .data.studies import parse_views
     from .jobs.serve import serve
 
-    try:
-        views = parse_views(args.views)
-    except ValueError as exc:
-        raise CxrError(str(exc)) from exc
+    views = _views(args.views)
     print(f"serving {args.run} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     serve(args.run, args.host, args.port, args.db, args.token, views, args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"),
           args.max_batch, args.max_wait_ms, "info" if args.verbose else "warning")
@@ -256,13 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from .data.studies import parse_views
     from .jobs.listen import listen
 
-    try:
-        views = parse_views(args.views)
-    except ValueError as exc:
-        raise CxrError(str(exc)) from exc
+    views = _views(args.views)
     allowed = set(args.allow) if args.allow else None
     dest = None
     if args.send_sr:
