@@ -4,13 +4,14 @@
 
     run = cxr_oneclass.load_run("runs/mine")
     for r in run.score(["new_studies/", "one.png", pixels]):   # files, folders or grey arrays (H, W)
-        print(r.source, r.score, r.flag, r.terms)               # flag: abnormal | normal | error
+        print(r.source, r.score, r.flag, r.terms)               # flag: abnormal | normal | error | skipped
 
     cfg = cxr_oneclass.resolve("best", epochs=5)                 # a preset with single values overridden
     run = cxr_oneclass.train(cfg, "csv:manifest.csv", "runs/new")
 
 Scores are on the run's calibrated scale (0 and 1 = lowest and highest validation score); an image at or above
-`run.threshold` is flagged abnormal. A record that could not be scored is flagged `error`, never `normal`.
+`run.threshold` is flagged abnormal. A record that could not be scored is flagged `error`, never `normal`; a DICOM
+that is not a frontal view is `skipped`, with the reason in `error`.
 """
 
 from __future__ import annotations
