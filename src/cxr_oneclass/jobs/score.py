@@ -125,12 +125,18 @@ class Scorer:
             return self._onnx.score(images, self.batch_size, keep_maps=keep_maps)
         return score_images(self.model, images, self.batch_size, keep_maps=keep_maps)
 
-    def records(self, names: list[str], images: np.ndarray, keep_maps: bool = False) -> list[ScoredImage]:
-        """Score a stack of images and make one record each."""
+    def records(self, names: list[str], images: np.ndarray, keep_maps: bool = False, batch: BatchCheck | None = None) -> list[ScoredImage]:
+        """Score a stack of images and make one record each; `batch` accumulates the population check of a whole
+        run of stacks (each image's features are computed once either way)."""
         scored = self.score(images, keep_maps)
         norm = self.calibration.normalise(scored["score"]) if self.calibration else scored["score"]
         pct = self.calibration.percentile(scored["score"]) if self.calibration else None
-        dist, outside = self.population.check(images) if self.population is not None else (None, None)
+        if batch is not None:
+            dist, outside = batch.add(images)
+        elif self.population is not None:
+            dist, outside = self.population.check(images)
+        else:
+            dist, outside = None, None
         out = []
         for i, name in enumerate(names):
             if not np.isfinite(norm[i]):  # a NaN never clears a film: the image is reported as not scored
@@ -231,9 +237,7 @@ def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path
             pending = [pool.submit(prepare, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
             ok = [(p, a) for p, (_, a) in zip(chunk, prepared) if isinstance(a, np.ndarray)]
             stack = np.stack([a for _, a in ok]) if ok else None
-            records = iter(scorer.records([str(p) for p, _ in ok], stack, keep_maps or draw) if ok else [])
-            if population is not None and stack is not None:
-                population.add(stack)
+            records = iter(scorer.records([str(p) for p, _ in ok], stack, keep_maps or draw, population) if ok else [])
             for p, (info, a) in zip(chunk, prepared):
                 if isinstance(a, str):
                     yield ScoredImage(str(p), SKIPPED, error=a, info=info)
