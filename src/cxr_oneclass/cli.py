@@ -203,18 +203,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     dicom = DicomResults(scorer, args.dicom_out) if args.dicom_out else None
     population = BatchCheck(scorer.population) if scorer.population is not None else None
     sink = CsvSink(columns, path=args.csv)  # prints to stdout without --csv
+    # Per-image records are kept only for what needs all of them at the end (studies, JSON, DICOM SRs): a plain
+    # CSV of a whole archive streams in constant memory.
+    keep = bool(args.studies_csv or args.json or dicom is not None)
     records, rows, failed = [], [], []
+    skipped = 0
     complete = False
     try:
         for rec in iter_scores(scorer, paths, heatmap_dir=args.heatmaps, keep_maps=dicom is not None, keep_images=dicom is not None,
                                accept_any_modality=args.any_modality, views=views, population=population):
             row = rec.row(scorer.terms, salt)
             sink.write(row)
-            rows.append(row)
+            skipped += rec.flag == "skipped"
             if dicom is not None:
                 dicom.add(rec)
             rec.heatmap = rec.image = None  # pixels are not needed past this point
-            records.append(rec)
+            if keep:
+                rows.append(row)
+                records.append(rec)
             if rec.flag == NOT_SCORED:
                 failed.append(rec)
         complete = True
@@ -222,7 +228,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         sink.close(complete)
         if not complete and args.csv:
             print(f"interrupted: the {sink.rows} rows scored so far are in {sink.partial}", file=sys.stderr)
-    studies = study_rows(records, salt)
+    studies = study_rows(records, salt) if keep else []
     verdict = population.verdict() if population is not None else None
     if args.studies_csv:
         write_csv(args.studies_csv, studies, list(STUDY_COLUMNS))
@@ -233,7 +239,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     if dicom is not None:
         written = dicom.finish(studies)
         print(f"wrote {len(written)} DICOM object(s) under {args.dicom_out}", file=sys.stderr if not args.csv else sys.stdout)
-    skipped = sum(r["flag"] == "skipped" for r in rows)
     if args.csv:
         print(f"wrote {sink.rows - len(failed) - skipped} scores to {args.csv}" + (f" ({skipped} skipped)" if skipped else ""))
     if verdict and verdict["warning"]:
