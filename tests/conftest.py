@@ -76,6 +76,21 @@ def write_dx(path: Path, study_uid: str, view: str = "PA", patient: str = "PAT-1
     return ds
 
 
+# A tiny trained run (best preset, 32 px, width 8, one epoch) for the tests of what uses a run: the service, the
+# DICOM receiver, the PACS workflow. Trained once per test session; tests must not write into it.
+TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
+PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    from cxr_oneclass.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY]) == 0
+    return out
+
+
 def free_port() -> int:
     """A free TCP port on localhost, for a server a test starts."""
     import socket

@@ -26,7 +26,6 @@ from pydicom.uid import (
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from conftest import write_dx
-from cxr_oneclass.cli import main
 from cxr_oneclass.errors import CxrError
 from cxr_oneclass.jobs.listen import listen
 from cxr_oneclass.service.dicom_scp import STATUS_CANNOT_PROCESS, Receiver
@@ -34,8 +33,6 @@ from cxr_oneclass.service.triage import Triage
 
 log = logging.getLogger(__name__)
 
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
-PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
 SCU = "TESTSCU"
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("echoscu") is None,
                                  reason="dcmtk (echoscu, storescu) is not installed")
@@ -46,11 +43,9 @@ def storescu(port: int, *files: Path | str, aet: str = SCU, extra: tuple[str, ..
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("listen") / "run"
-    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY]) == 0
-    return out
+@pytest.fixture
+def run(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture

@@ -17,16 +17,12 @@ from pydicom.uid import generate_uid
 from conftest import blob_images, write_dx
 from cxr_oneclass.cli import main
 
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
-PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
-
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
+def export(tmp_path_factory, tiny_run):
     """A trained tiny run, and a PACS export: study A as loose files without extensions, study B through a DICOMDIR."""
     root = tmp_path_factory.mktemp("pacs")
-    run = root / "run"
-    assert main(["-q", "train", "--data", PHANTOM, "--out", str(run), *TINY]) == 0
+    run = tiny_run
     images = blob_images(4, 64, seed=3)
     studies = {}
     for k, (patient, accession) in enumerate((("PAT-A", "ACC1"), ("PAT-B", "ACC2"))):

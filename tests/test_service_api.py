@@ -20,8 +20,6 @@ from conftest import blob_images, free_port
 from cxr_oneclass.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
-PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
 
 
 class Server:
@@ -58,11 +56,9 @@ def png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("svc") / "run"
-    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY]) == 0
-    return out
+@pytest.fixture
+def run(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture

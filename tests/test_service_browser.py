@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_oneclass.cli import main
 from cxr_oneclass.data.phantom import render
-from test_service_api import PHANTOM, TINY, Server
+from test_service_api import Server
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -51,11 +50,10 @@ def _wait(predicate, timeout: float = 60.0):
     raise AssertionError("the page did not get there in time")
 
 
-def test_upload_through_the_page_then_open_and_toggle_the_heat_map(tmp_path, browser):
+def test_upload_through_the_page_then_open_and_toggle_the_heat_map(tmp_path, browser, tiny_run):
     from selenium.webdriver.common.by import By
 
-    run = tmp_path / "run"
-    assert main(["-q", "train", "--data", PHANTOM, "--out", str(run), *TINY]) == 0
+    run = tiny_run
     films = []
     for kind in ("normal", "effusion", "consolidation"):  # phantom films at the model's resolution x 8
         img = (render(1, size=256, seed=11, kind=kind)[0][0] * 255).round().astype(np.uint8)
