@@ -1,0 +1,78 @@
+"""Synthetic lesions on normal films (data/synthetic.py): lung masks, placement, masks that mean what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_oneclass.data import phantom
+from cxr_oneclass.data.synthetic import KINDS, MASK_TAU, Lesions, jitter, lung_masks, population_lung_mask
+
+
+@pytest.fixture(scope="module")
+def films() -> np.ndarray:
+    imgs, _ = phantom.render(24, size=64, seed=3, kind="normal")
+    return (imgs * 255).round().astype(np.uint8)
+
+
+def _batch(films: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(films).float().div(255).unsqueeze(1)
+    return x, torch.from_numpy(lung_masks(films)).unsqueeze(1)
+
+
+def test_lung_masks_find_two_lungs_inside_the_chest(films):
+    pop = population_lung_mask(films)
+    h, w = pop.shape
+    share = pop.mean()
+    assert 0.1 < share < 0.5, share
+    assert pop[:, : w // 2].sum() > 0.3 * pop.sum() and pop[:, w // 2 :].sum() > 0.3 * pop.sum()  # both sides
+    assert pop[:2].sum() == 0 and pop[-2:].sum() == 0 and pop[:, :2].sum() == 0  # not the air around the body
+    masks = lung_masks(films)
+    assert masks.shape == films.shape and masks.min() >= 0 and masks.max() <= 1
+    # Lungs are the dark part of the chest: inside the mask, films are darker than in the rest of the central box.
+    inside = films[masks > 0.5].mean()
+    box = films[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
+    assert inside < box.mean()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_lesion_changes_the_film_only_where_its_mask_says(films, kind):
+    x, lungs = _batch(films)
+    gen = torch.Generator().manual_seed(1)
+    out, mask, hit = Lesions(mix={kind: 1.0}, gen=gen, p_abnormal=1.0)(x, lungs)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert hit.mean() > 0.8, f"{kind}: most films should get a visible lesion"
+    change = (out - x).abs()
+    assert change[mask == 0].max() <= MASK_TAU + 1e-6
+    assert bool(((change > MASK_TAU) == (mask > 0)).all())
+    # Lesions sit in the lung fields (grown by the blur of their edges), not in the neck or below the diaphragm.
+    near_lungs = torch.nn.functional.max_pool2d(lungs, 9, 1, 4) > 0.05
+    assert (mask * near_lungs).sum() / mask.sum().clamp_min(1) > 0.9, kind
+
+
+def test_opacities_brighten_and_pneumothorax_darkens(films):
+    x, lungs = _batch(films)
+    out, mask, _ = Lesions(mix={"opacity": 1.0}, gen=torch.Generator().manual_seed(2), p_abnormal=1.0)(x, lungs)
+    assert ((out - x) * mask).sum() > 0
+    out, mask, _ = Lesions(mix={"pneumothorax": 1.0}, gen=torch.Generator().manual_seed(2), p_abnormal=1.0)(x, lungs)
+    assert ((out - x) * mask).sum() < 0
+
+
+def test_lesions_repeat_with_the_seed_and_respect_p_abnormal(films):
+    x, lungs = _batch(films)
+    a = Lesions(gen=torch.Generator().manual_seed(5))(x, lungs)
+    b = Lesions(gen=torch.Generator().manual_seed(5))(x, lungs)
+    c = Lesions(gen=torch.Generator().manual_seed(6))(x, lungs)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    out, mask, hit = Lesions(gen=torch.Generator().manual_seed(5), p_abnormal=1e-9)(x, lungs)
+    assert torch.equal(out, x) and mask.sum() == 0 and hit.sum() == 0
+
+
+def test_jitter_moves_film_and_lungs_together(films):
+    x, lungs = _batch(films)
+    gen = torch.Generator().manual_seed(0)
+    xj, lj = jitter(x, lungs, gen)
+    assert xj.shape == x.shape and lj.shape == lungs.shape and not torch.equal(xj, x)
+    # After the move the lungs are still the darker part of each film.
+    assert (xj * (lj > 0.5)).sum() / (lj > 0.5).sum() < xj.mean()
