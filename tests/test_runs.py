@@ -59,7 +59,9 @@ def test_runs_saved_before_the_sdist_term_still_load_and_score_the_same(tmp_path
     loaded, _, _ = load_run(tmp_path / "run")
     images = blob_images(4, 32, seed=3, abnormal=True)
     np.testing.assert_allclose(score_images(loaded, images)["score"], score_images(model, images)["score"], rtol=1e-6)
-    assert loaded.stats.center.shape == (6,) and float(loaded.stats.scale[5]) == 1.0
+    from cxr_oneclass.scoring.terms import TERM_INDEX, TERM_NAMES
+
+    assert loaded.stats.center.shape == (len(TERM_NAMES),) and float(loaded.stats.scale[TERM_INDEX["sdist"]]) == 1.0
 
 
 def _as_older_run(run) -> None:

@@ -38,7 +38,7 @@ from .io_utils import atomic_path, write_json
 from .model.networks import OneClassGAN, build_model
 from .scoring.calibration import Calibration
 from .scoring.stats import new_score_stats
-from .scoring.terms import TERM_NAMES
+from .scoring.terms import LEGACY_SLOT_ORDER, TERM_NAMES
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -410,8 +410,6 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
-
-
 def _map_slots(state: dict[str, torch.Tensor], saved: list[str] | None) -> None:
     """stats.center/.scale as saved -> one slot per term of today's table. Runs saved before a term was added
     have fewer slots (the table's first ones, before names were recorded); a term they lack is left as is."""
@@ -419,7 +417,7 @@ def _map_slots(state: dict[str, torch.Tensor], saved: list[str] | None) -> None:
         have = state.get(key)
         if have is None or have.ndim != 1:
             continue
-        names = saved if saved is not None else list(TERM_NAMES[: have.numel()])
+        names = saved if saved is not None else list(LEGACY_SLOT_ORDER[: have.numel()])
         if len(names) != have.numel():
             raise RunError(f"{key}: {have.numel()} values for {len(names)} named score terms")
         value = dict(zip(names, have.tolist()))

@@ -40,9 +40,12 @@ from ..scoring.population import fit_population
 from ..scoring.selection import fit_score_and_calibration, select_score_terms
 from ..scoring.stats import fit_score_stats, needs_stats
 from ..training import distributed
+from ..training.detector import fit_detector
 from ..training.loop import Checkpoint, TrainingDiverged, fit
 
 log = logging.getLogger(__name__)
+
+DETECTOR_HISTORY_FILE = "detector_history.csv"  # S's readings (loss, validation AUC of seg) over its training
 
 
 @dataclass
@@ -154,6 +157,11 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc} (checkpoints in {part})") from None
     model = result.model
+    detector_history = None
+    if model.det is not None:  # S, second stage: after the GAN (a resumed run retrains it, seeded: same weights)
+        detector_history = fit_detector(model.det, cfg, train_normals, val, progress)
+        if main:
+            write_csv(part / DETECTOR_HISTORY_FILE, detector_history)
     scored = fit_score_and_calibration(model, train, val)
     model.cfg = scored.cfg  # the run's score from now on (auto: the terms chosen on validation)
     population = fit_population(train_normals, val_normals)
@@ -166,6 +174,10 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     }
     if scored.selection:
         extra["score_selection"] = scored.selection
+    if detector_history:
+        extra["detector_seconds"] = detector_history[-1]["seconds"]
+        if "val_auc" in detector_history[0]:
+            extra["detector_val_auc"] = max(r["val_auc"] for r in detector_history)
     if main:
         save_run(part, model, scored.calibration, extra, prov)
         write_csv(part / HISTORY_FILE, result.history)

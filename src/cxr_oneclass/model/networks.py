@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from ..config import Config
+from .detector import Detector
 from .geometry import encoder_channels
 
 LEAK = 0.2  # DCGAN's leaky ReLU slope
@@ -132,6 +133,9 @@ class OneClassGAN(nn.Module):
         self.D = Discriminator(cfg) if cfg.uses_d else None
         self.stats: nn.Module | None = None
         init_weights(self, cfg.init_std)
+        # S after the others and after their initialisation: a model without S draws exactly what it always did.
+        # S keeps PyTorch's default (Kaiming) initialisation: it is a plain segmentation network, not a GAN.
+        self.det = Detector(cfg.detector_width) if cfg.uses_s else None
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """U and E: updated together in the G-step."""

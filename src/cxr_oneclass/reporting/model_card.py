@@ -68,6 +68,9 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
         f"{cfg.image_size} px, width {cfg.width}, {cfg.epochs} epochs, seed {cfg.seed}",
         f"- score: `{cfg.score_terms}` ({cfg.score_norm})" + (f", chosen on validation from `{doc['score_selection']['requested']}`"
                                                               if doc.get("score_selection") else ""),
+        *([f"- lesion detector S: width {cfg.detector_width}, {cfg.detector_steps} steps on synthetic lesions drawn "
+           f"into the lung fields of {int(cfg.lesion_p * 100)}% of the training normals (never on real abnormal films)"]
+          if cfg.uses_s else []),
         f"- weights sha256 `{doc.get('weights_sha256', 'not recorded')}`",
         "",
         "## Training data",

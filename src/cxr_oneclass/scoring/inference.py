@@ -22,7 +22,7 @@ from .terms import RESIDUAL, TERM_BY_NAME, TERM_INDEX, TERMS, Forward, has_term,
 
 def model_components(model: OneClassGAN) -> list[str]:
     """The terms `model` reports, in table order: every term whose network the variant has."""
-    return [t.name for t in TERMS if has_term(t, model.D is not None, model.E is not None)]
+    return [t.name for t in TERMS if has_term(t, model.D is not None, model.E is not None, getattr(model, "det", None) is not None)]
 
 
 def component_weights(model: OneClassGAN) -> dict[str, float]:
@@ -30,14 +30,16 @@ def component_weights(model: OneClassGAN) -> dict[str, float]:
     return weights_of(model.cfg, model_components(model))
 
 
-def forward(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | None = None, with_d: bool = True) -> Forward:
+def forward(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | None = None, with_d: bool = True,
+            with_s: bool = True) -> Forward:
     """The networks of `net` on x (B,1,H,W) in [-1, 1]; `x_net` is x as the networks take it (dtype, layout)."""
     x_net = x if x_net is None else x_net
     x_rec, z, feats_u = net.U(x_net)
     x_rec = x_rec.float()
     z_rec = net.E(x_rec.to(x_net.dtype))[0] if net.E is not None else None
     logit = net.D(x_rec.to(x_net.dtype))[0] if (with_d and net.D is not None) else None
-    return Forward(net.cfg, x, x_rec, z, feats_u, z_rec, logit)
+    lesion = net.det(x_net).float() if (with_s and getattr(net, "det", None) is not None) else None
+    return Forward(net.cfg, x, x_rec, z, feats_u, z_rec, logit, lesion)
 
 
 def compute_components(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

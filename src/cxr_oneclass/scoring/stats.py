@@ -61,7 +61,7 @@ def _collect(net: OneClassGAN, images: np.ndarray, batch_size: int, device: torc
     with exact_fp32():  # the features that scoring computes, on any device
         for s in range(0, len(images), batch_size):
             x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))).to(device)
-            fwd = forward(net, x, x.contiguous(memory_format=torch.channels_last), with_d=False)
+            fwd = forward(net, x, x.contiguous(memory_format=torch.channels_last), with_d=False, with_s=False)
             for t in fitted:
                 out[t.name].append(t.fitted.features(fwd).double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}

@@ -45,6 +45,7 @@ class Forward:
     feats_u: list[torch.Tensor]  # U's encoder maps, shallow to deep
     z_rec: torch.Tensor | None = None  # (B, latent) E's latent of x' (variants with E)
     logit: torch.Tensor | None = None  # (B,) D's logit of x' (variants with D)
+    lesion: torch.Tensor | None = None  # (B, 1, H, W) S's lesion logits of x (with the detector)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Term:
     name: str
     help: str
     compute: Callable[[Forward, Any], torch.Tensor]
-    needs: str = ""  # "D" or "E": the network the term needs ("" = U alone, every variant has it)
+    needs: str = ""  # "D", "E" or "S": the network the term needs ("" = U alone, every variant has it)
     paper_weight: str | None = None  # Config field holding its λ under score_norm weights (None: weight 1)
     auto: bool = False  # a candidate of score_terms auto
     fitted: Fitted | None = None
@@ -159,6 +160,14 @@ def _fdist_fit(feats: np.ndarray, cfg: Config) -> dict[str, Any]:
     return {"feat_mean": location, "feat_whiten": whiten}
 
 
+def _seg(fwd: Forward, stats: Any) -> torch.Tensor:
+    return torch.sigmoid(fwd.lesion.float()).mean(dim=(1, 2, 3))
+
+
+def _seg_heatmap(fwd: Forward, stats: Any) -> torch.Tensor:
+    return torch.sigmoid(fwd.lesion.float())[:, 0]  # (B, H, W): the map whose mean is the seg term
+
+
 def _sdist_parts(fwd: Forward, stats: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The grid projected on its principal channels g (B, P, side, side), its deviation from the normals' mean
     d (B, G) and the whitened deviation w (B, G), G = P·side²."""
@@ -212,11 +221,17 @@ TERMS: tuple[Term, ...] = (
     Term("ssim", "1 - mean SSIM(x, x'), 7x7 windows: structure U fails to reproduce", _ssim, auto=True),
     Term("fdist", "squared Mahalanobis distance / dim of a feature vector (fdist-features) from the training normals'",
          _fdist, auto=True, fitted=Fitted(_fdist_buffers, feature_vector, _fdist_fit)),
+    Term("seg", "mean lesion probability that the detector S, trained on synthetic lesions in the lung fields of "
+         "normal films, gives the film's pixels", _seg, needs="S", auto=True, heatmap=_seg_heatmap,
+         display=("lesion probability", 1.0)),
     Term("sdist", "the same distance for U's first map on an 8x8 grid, 4 principal channels: keeps where a lesion is",
          _sdist, auto=True, fitted=Fitted(_sdist_buffers, _sdist_features, _sdist_fit),
          heatmap=_sdist_heatmap, display=("sdist cell share", 20.0)),
 )
 TERM_NAMES: tuple[str, ...] = tuple(t.name for t in TERMS)
+# The table's order when runs did not yet record their slot names (runs.py maps their stats slots by it): seg came
+# later, between fdist and sdist.
+LEGACY_SLOT_ORDER: tuple[str, ...] = ("rec", "adv", "enc", "ssim", "fdist", "sdist")
 TERM_BY_NAME: dict[str, Term] = {t.name: t for t in TERMS}
 TERM_INDEX: dict[str, int] = {t.name: i for i, t in enumerate(TERMS)}  # a term's slot in ScoreStats.center/.scale
 # score_terms "auto": the sum of a subset of these (standardised) with the highest validation AUC.
@@ -234,8 +249,11 @@ def terms_help() -> str:
 
 def score_term_names(cfg: Config) -> list[str]:
     """The terms `cfg.score_terms` names, in table order; "auto", before its choice on validation, names every
-    candidate."""
-    chosen = set(AUTO_TERMS if cfg.score_terms == "auto" else cfg.score_terms.split("+"))
+    candidate whose network the config has."""
+    if cfg.score_terms == "auto":
+        chosen = {n for n in AUTO_TERMS if has_term(TERM_BY_NAME[n], cfg.uses_d, cfg.uses_e, cfg.uses_s)}
+    else:
+        chosen = set(cfg.score_terms.split("+"))
     return [n for n in TERM_NAMES if n in chosen]
 
 
@@ -245,8 +263,8 @@ def heatmap_kind(cfg: Config) -> str:
     return next((t.name for t in TERMS if t.heatmap is not None and t.name in names), RESIDUAL)
 
 
-def has_term(term: Term, has_d: bool, has_e: bool) -> bool:
-    return term.needs == "" or (term.needs == "D" and has_d) or (term.needs == "E" and has_e)
+def has_term(term: Term, has_d: bool, has_e: bool, has_s: bool = False) -> bool:
+    return term.needs == "" or {"D": has_d, "E": has_e, "S": has_s}[term.needs]
 
 
 def weights_of(cfg: Config, available: list[str]) -> dict[str, float]:

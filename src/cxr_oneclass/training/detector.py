@@ -1,0 +1,110 @@
+"""Training S, the lesion detector (model/detector.py), on normal films with synthetic lesions (issue 14).
+
+A second stage after the GAN: each step draws a batch of training normals, moves them as films move (shift, zoom,
+small rotation, exposure), draws synthetic lesions into their lung fields (data/synthetic.py) and teaches S the
+lesion mask with a focal loss. An exponential moving average of the weights is what scores (self-supervised
+detectors swing from step to step; the average swings less). With a labelled validation split, the average is read
+every `detector_steps // 8` steps and the best reading is kept (selection on validation, never on test).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.synthetic import Lesions, jitter, lung_masks
+from ..data.types import ImageSet
+from ..metrics import auc
+from ..runtime import to_model_range
+
+log = logging.getLogger(__name__)
+
+SEED_OFFSET = 7919  # S's random stream is its own: adding S does not change what the GAN draws
+READINGS = 8  # validation readings over the training
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017): cross-entropy down-weighted where the pixel is already right. Lesions are a
+    few percent of the pixels; plain cross-entropy would learn 'never a lesion'."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    pt = p * target + (1 - p) * (1 - target)
+    return (ce * (1 - pt) ** gamma).mean()
+
+
+@torch.no_grad()
+def lesion_score(det: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The seg term of uint8 films (N, H, W) under `det` in eval mode: the mean predicted lesion probability."""
+    det.eval()
+    device = next(det.parameters()).device
+    out = []
+    for s in range(0, len(images), batch_size):
+        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))).to(device)
+        out.append(torch.sigmoid(det(x)).mean(dim=(1, 2, 3)).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), live.parameters()):
+            e.lerp_(p, 1 - decay)
+        for e, b in zip(ema.buffers(), live.buffers()):
+            e.copy_(b)  # batch-norm running statistics: the live ones (already averages)
+
+
+def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Train `det` in place (on its device; lesions are drawn on the CPU) and leave in it the weights chosen; returns one history row per reading.
+
+    train_normals: uint8 (N, H, W). `val` with normal and abnormal films picks the reading with the highest
+    validation AUC of the seg term; without, the last reading is kept."""
+    gen = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
+    torch.manual_seed(cfg.seed + SEED_OFFSET)
+    lungs = torch.from_numpy(lung_masks(train_normals)).unsqueeze(1)  # (N, 1, H, W) soft masks
+    films = torch.from_numpy(np.ascontiguousarray(train_normals)).float().div(255).unsqueeze(1)
+    lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p)
+    device = next(det.parameters()).device
+    det.train()
+    ema = copy.deepcopy(det)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(det.parameters(), lr=cfg.detector_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.detector_lr, total_steps=cfg.detector_steps, pct_start=0.1)
+    every = max(1, cfg.detector_steps // READINGS)
+    can_pick = val is not None and val.n_normal > 0 and val.n_abnormal > 0
+    best, best_auc, history = None, -1.0, []
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, cfg.detector_steps + 1), desc="detector", unit="step", leave=False, disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, len(films), (min(cfg.detector_batch, len(films)),), generator=gen)
+        x, lung = jitter(films[idx], lungs[idx], gen)
+        x_bad, mask, _ = lesions(x, lung)
+        x_bad, mask = x_bad.to(device), mask.to(device)
+        loss = focal_loss(det(x_bad * 2 - 1), mask) * 10  # x10: the focal loss is small; keeps Adam's steps sane
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"detector loss is {float(loss)} at step {step}; lower --detector-lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        _ema_update(ema, det, cfg.detector_ema if step > every else 0.0)
+        if step % every == 0 or step == cfg.detector_steps:
+            row = {"step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.perf_counter() - t0, 1)}
+            if can_pick:
+                row["val_auc"] = auc(val.labels, lesion_score(ema, val.images))
+                if row["val_auc"] > best_auc:
+                    best_auc, best = row["val_auc"], copy.deepcopy(ema.state_dict())
+            history.append(row)
+            log.info("detector %s", ", ".join(f"{k}={v}" for k, v in row.items()))
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+    det.load_state_dict(best if best is not None else ema.state_dict())
+    det.eval()
+    return history

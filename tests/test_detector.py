@@ -1,0 +1,108 @@
+"""The lesion detector S (issue 14): trained after the GAN on synthetic lesions, scored as term seg, drawn as the
+heat map, saved, loaded, exported, and chosen on validation only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHANTOM, TINY
+from cxr_oneclass.cli import main
+from cxr_oneclass.config import Config, resolve
+from cxr_oneclass.data import phantom
+from cxr_oneclass.errors import ConfigError
+from cxr_oneclass.model.detector import Detector
+from cxr_oneclass.model.networks import build_model
+from cxr_oneclass.runs import load_run
+from cxr_oneclass.scoring.inference import score_images
+from cxr_oneclass.training.detector import fit_detector, lesion_score
+
+DETECTOR = ["--detector-width", "4", "--detector-steps", "24"]
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("det") / "run"
+    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY, *DETECTOR]) == 0
+    return out
+
+
+def test_run_with_detector_scores_seg_and_draws_its_map(det_run):
+    model, calib, doc = load_run(det_run)
+    assert model.det is not None and doc["config"]["detector_width"] == 4
+    history = (det_run / "detector_history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss,seconds,val_auc") and len(history) == 1 + 8  # 8 readings
+    images = (phantom.render(6, size=32, seed=9, kind="consolidation")[0] * 255).astype(np.uint8)
+    model.cfg.score_terms = "seg"  # the map is the detector's only when seg is scored
+    out = score_images(model, images, batch_size=3, keep_maps=True)
+    assert "seg" in out and np.all((out["seg"] >= 0) & (out["seg"] <= 1))
+    # The heat map is the predicted lesion probability, whose mean is the seg term: map and score agree.
+    np.testing.assert_allclose(out["heatmap"].astype(np.float64).mean(axis=(1, 2)), out["seg"], atol=2e-3)
+
+
+def test_seg_score_does_not_depend_on_the_batch(det_run):
+    model, _, _ = load_run(det_run)
+    images = (phantom.render(8, size=32, seed=2, kind="nodule")[0] * 255).astype(np.uint8)
+    alone = np.array([score_images(model, images[i : i + 1])["seg"][0] for i in range(len(images))])
+    together = score_images(model, images, batch_size=8)["seg"]
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+
+
+def test_seg_needs_a_detector_and_paper_has_none():
+    with pytest.raises(ConfigError, match="seg needs the lesion detector"):
+        resolve("best", score_terms="seg", score_norm="standardised")
+    with pytest.raises(ConfigError, match="detector-ema"):
+        resolve("best", detector_width=4, lesion_p=0.0)
+    paper = resolve("paper")
+    assert paper.detector_width == 0 and build_model(paper).det is None
+    # A model without S draws the same initial weights as before S existed (S is built after the others).
+    torch.manual_seed(0)
+    a = build_model(paper).state_dict()
+    torch.manual_seed(0)
+    b = build_model(Config(detector_width=4)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_detector_learns_lesions_and_repeats_with_its_seed():
+    """Trained on synthetic lesions only, S ranks real phantom abnormalities above normals (it never saw one),
+    and the same seed gives the same weights."""
+    normals = (phantom.render(48, size=32, seed=1)[0] * 255).astype(np.uint8)
+    cfg = Config(image_size=32, detector_width=8, detector_steps=150, detector_batch=16, detector_ema=0.9, detector_lr=3e-3)
+    torch.manual_seed(0)
+    det = Detector(8)
+    fit_detector(det, cfg, normals, None, progress=False)
+    test_n = (phantom.render(24, size=32, seed=5)[0] * 255).astype(np.uint8)
+    test_a = (phantom.render(24, size=32, seed=5, kind="consolidation", severity=0.8)[0] * 255).astype(np.uint8)
+    from cxr_oneclass.metrics import auc
+
+    s = np.concatenate([lesion_score(det, test_n), lesion_score(det, test_a)])
+    assert auc(np.r_[np.zeros(24), np.ones(24)], s) > 0.7
+    torch.manual_seed(0)
+    det2 = Detector(8)
+    fit_detector(det2, cfg, normals, None, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(det.state_dict().values(), det2.state_dict().values()))
+
+
+def test_detector_keeps_the_best_validation_reading(det_run):
+    rows = [r.split(",") for r in (det_run / "detector_history.csv").read_text().splitlines()[1:]]
+    best = max(float(r[3]) for r in rows)
+    doc = json.loads((det_run / "config.json").read_text())
+    assert doc["detector_val_auc"] == pytest.approx(best)
+    model, _, _ = load_run(det_run)
+    from cxr_oneclass.data.specs import load_dataset
+
+    val = load_dataset(PHANTOM, 32, 0, splits=("val",))["val"]
+    from cxr_oneclass.metrics import auc
+
+    assert auc(val.labels, lesion_score(model.det, val.images)) == pytest.approx(best, abs=0.02)
+
+
+def test_export_carries_the_detector(det_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(det_run), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
