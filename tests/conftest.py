@@ -78,7 +78,9 @@ def write_dx(path: Path, study_uid: str, view: str = "PA", patient: str = "PAT-1
 
 # A tiny trained run (best preset, 32 px, width 8, one epoch) for the tests of what uses a run: the service, the
 # DICOM receiver, the PACS workflow. Trained once per test session; tests must not write into it.
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
+# The default preset trains the lesion detector too: a tiny one here (its own tests use more steps).
+TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1",
+        "--detector-width", "4", "--detector-steps", "8"]
 PHANTOM = "phantom:n_train=48,n_val_normal=16,n_val_abnormal=16,n_test_normal=4,n_test_abnormal=4,size=32"
 
 

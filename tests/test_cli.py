@@ -8,7 +8,8 @@ import pytest
 
 from cxr_oneclass.cli import main
 
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--epochs", "2", "--threads", "2"]
+TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--epochs", "2", "--threads", "2", "--detector-width", "4",
+        "--detector-steps", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_evaluate_writes_metrics_and_scores(trained_run, tmp_path, capsys):
     assert main(["evaluate", str(run), "--data", f"folder:{data}", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["n_normal"] == 6 and m["n_abnormal"] == 6 and 0 <= m["auc"] <= 1
-    assert set(m["component_auc"]) == {"rec", "adv", "enc", "ssim", "fdist", "sdist"}
+    assert set(m["component_auc"]) == {"rec", "adv", "enc", "ssim", "fdist", "seg", "sdist"}  # detect: S too
     assert {"sensitivity", "specificity"} <= set(m["at_threshold"])
     rows = list(csv.DictReader(open(tmp_path / "ev" / "scores.csv")))
     assert len(rows) == 12 and {"file", "label", "score", "rec", "adv", "enc"} <= set(rows[0])
@@ -84,8 +85,8 @@ def test_quiet_and_verbose_after_the_verb_and_defaults_in_help(trained_run, tmp_
     assert main(["-q", "evaluate", "-v", str(run), "--out", str(tmp_path / "ev2")]) == 0
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    help_text = capsys.readouterr().out
-    assert "(default: 15 in best" in help_text and "(default: best)" in help_text
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    assert "(default: 15 in detect" in help_text and "(default: detect)" in help_text
 
 
 def test_clear_errors_without_traceback(tmp_path, capsys):
@@ -116,13 +117,18 @@ def test_history_is_written_every_epoch(tmp_path, monkeypatch):
     assert written == [1, 2, 3, 3]  # after each epoch, then the final history
 
 
-def test_default_preset_is_best_and_rescore_gives_the_paper_score(trained_run, tmp_path, capsys):
+def test_default_preset_is_detect_and_rescore_gives_the_paper_score(trained_run, tmp_path, capsys):
     data, run = trained_run
     doc = json.loads((run / "config.json").read_text())
-    # the best preset's score terms "auto" are chosen on validation and saved resolved, with every candidate's AUC
+    # the detect preset's score terms "auto" are chosen on validation and saved resolved, with every candidate's AUC:
+    # every non-empty subset of ssim, fdist, seg (the lesion detector's) and sdist
     sel = doc["score_selection"]
     assert doc["config"]["score_norm"] == "standardised" and doc["config"]["score_terms"] == sel["chosen"]
-    assert sel["requested"] == "auto" and set(sel["val_auc_by_terms"]) == {"ssim", "fdist", "sdist", "ssim+fdist", "ssim+sdist", "fdist+sdist", "ssim+fdist+sdist"}
+    assert doc["config"]["detector_width"] > 0
+    from itertools import combinations
+
+    subsets = {"+".join(c) for r in range(1, 5) for c in combinations(["ssim", "fdist", "seg", "sdist"], r)}
+    assert sel["requested"] == "auto" and set(sel["val_auc_by_terms"]) == subsets
     assert sel["val_auc_by_terms"][sel["chosen"]] == max(sel["val_auc_by_terms"].values()) == pytest.approx(doc["val_auc"])
     out = tmp_path / "paper-score"
     argv = ["rescore", str(run), "--out", str(out), "--data", f"folder:{data}", "--score-terms", "rec+adv+enc", "--score-norm", "weights"]

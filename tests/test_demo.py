@@ -17,7 +17,8 @@ def test_phantom_spec_loads_as_data_source():
 
 def test_demo_writes_its_report(tmp_path):
     small = PhantomOptions(n_train=32, n_val_normal=10, n_val_abnormal=10, n_test_normal=10, n_test_abnormal=10, size=32)
-    summary = run_demo(tmp_path / "demo", epochs=1, data=small, progress=False, width=8, batch_size=16)
+    summary = run_demo(tmp_path / "demo", epochs=1, data=small, progress=False, width=8, batch_size=16, detector_width=4,
+                       detector_steps=8)
     assert "test AUC" in summary and str(tmp_path / "demo") in summary
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert set(m["auc_by_type"]) == set(ABNORMALITIES)

@@ -59,9 +59,12 @@ def test_unknown_method_is_refused(tmp_path):
         run_experiment(ExperimentPlan(DATA, tmp_path / "z", ["vae"], 1, resolve("paper", **BASE)), progress=False)
 
 
+SMALL_S = ["--detector-width", "4", "--detector-steps", "4"]  # the default preset trains the lesion detector too
+
+
 def test_experiment_cli(tmp_path, capsys):
     args = ["-q", "experiment", "--data", DATA, "--out", str(tmp_path / "c"), "--variants", "u", "--repeats", "1",
-            "--image-size", "32", "--width", "8", "--batch-size", "16", "--epochs", "1"]
+            "--image-size", "32", "--width", "8", "--batch-size", "16", "--epochs", "1", *SMALL_S]
     assert main(args) == 0
     assert "test AUC" in capsys.readouterr().out
     assert main(args) == 0
@@ -73,7 +76,7 @@ def test_sharded_repeats_are_collected_without_training(tmp_path, capsys):
     trains nothing, leaving unfinished runs out."""
     out = tmp_path / "s"
     common = ["-q", "experiment", "--data", DATA, "--out", str(out), "--variants", "u", "--image-size", "32", "--width", "8",
-              "--batch-size", "16", "--epochs", "1"]
+              "--batch-size", "16", "--epochs", "1", *SMALL_S]
     assert main([*common, "--seed", "0", "--repeats", "1"]) == 0
     assert main([*common, "--seed", "1", "--repeats", "1"]) == 0
     capsys.readouterr()
@@ -89,7 +92,7 @@ def test_quiet_experiment_prints_no_progress_bars(tmp_path, capsys):
     """-q silences every bar, also the test split's scoring bar that large splits (> 500 images) get."""
     big = "phantom:n_train=32,n_val_normal=8,n_val_abnormal=10,n_test_normal=260,n_test_abnormal=260"
     args = ["-q", "experiment", "--data", big, "--out", str(tmp_path / "q"), "--variants", "u", "--repeats", "1",
-            "--image-size", "32", "--width", "8", "--batch-size", "16", "--epochs", "1"]
+            "--image-size", "32", "--width", "8", "--batch-size", "16", "--epochs", "1", *SMALL_S]
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "test AUC" in out

@@ -45,7 +45,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     data = write_folder_dataset(root / "data", n_train=24, n_eval=6)
     run = root / "run"
-    assert main(["-q", "train", "--data", f"folder:{data}", "--out", str(run), "--epochs", "1", *TINY]) == 0
+    assert main(["-q", "train", "--data", f"folder:{data}", "--out", str(run), "--epochs", "1", *TINY, "--detector-width", "4",
+                 "--detector-steps", "8"]) == 0
     return root, data, run
 
 

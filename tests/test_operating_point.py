@@ -14,7 +14,8 @@ from cxr_oneclass.cli import main
 from cxr_oneclass.metrics import bootstrap_ci, operating_point, predictive_values
 from cxr_oneclass.scoring.calibration import MIN_ABNORMAL_FOR_THRESHOLD, fit_calibration
 
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1"]
+TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1", "--detector-width", "4",
+        "--detector-steps", "8"]
 PHANTOM = "phantom:n_train=48,n_val_normal=40,n_val_abnormal=40,n_test_normal=20,n_test_abnormal=20,size=32"
 
 
@@ -74,7 +75,8 @@ def test_a_model_warns_on_the_other_sets_normal_films_only(tmp_path, capsys):
         pytest.skip("shared real data absent")
     for own, other in (("nih-pneumonia-128", "kermany-pediatric-128"), ("kermany-pediatric-128", "nih-pneumonia-128")):
         run = tmp_path / own
-        args = ["--image-size", "64", "--width", "8", "--batch-size", "64", "--threads", "2", "--steps", "2"]
+        args = ["--image-size", "64", "--width", "8", "--batch-size", "64", "--threads", "2", "--steps", "2", "--detector-width", "4",
+                "--detector-steps", "4"]
         assert main(["-q", "train", "--data", f"csv:{sets[own]}/manifest.csv", "--out", str(run), *args]) == 0
         assert main(["-q", "evaluate", str(run)]) == 0  # its own test split, pneumonia included: no warning
         assert "do not look like the population" not in capsys.readouterr().err

@@ -33,7 +33,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override single values of the preset (default None = keep the preset's)."""
     g = p.add_argument_group("model and training (override the preset)")
-    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="recipe to start from: paper (Tang et al., faithful) or best")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="recipe to start from: paper (Tang et al., faithful), best (the paper's networks, this project's "
+                   "score) or detect (best plus the lesion detector S)")
     g.add_argument("--variant", choices=VARIANTS, help="ablation: which of U, E, D to use")
     g.add_argument("--epochs", type=int)
     g.add_argument("--steps", type=int, help="optimiser steps; > 0 replaces --epochs")
@@ -51,13 +52,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-norm", choices=("weights", "standardised"), help="paper lambdas, or terms standardised on validation normals")
     g.add_argument("--fdist-features", choices=("u", "z", "ez"), help="features whose distance from the training normals fdist measures")
     g.add_argument("--target-sensitivity", type=float, help="the operating point: sensitivity on validation abnormals that sets the threshold")
+    g.add_argument("--detector-width", type=int, help="lesion detector S trained on synthetic lesions (score term seg); 0 = none")
+    g.add_argument("--detector-steps", type=int, help="training steps of the lesion detector")
+    g.add_argument("--lesion-p", type=float, help="share of the detector's training films that get synthetic lesions")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
             action.help = f"{action.help or ''} (default: {getattr(preset, action.dest)} in {DEFAULT_PRESET}; the preset's otherwise)".lstrip()
 
 
-CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads")
+CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
+                "detector_width", "detector_steps", "lesion_p")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -103,6 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = out.history[-1]
     print(f"data: {out.extra['data_summary']}")
     print(f"trained {cfg.variant} ({args.preset}) for {len(out.history)} epochs in {out.seconds:.1f} s, {last['images_per_s']:.1f} images/s")
+    if "detector_seconds" in out.extra:
+        best = out.extra.get("detector_val_auc")
+        picked = f", kept the reading with validation AUC {best:.4f} (seg alone)" if best is not None else ""
+        print(f"lesion detector: {cfg.detector_steps} steps in {out.extra['detector_seconds']:.0f} s{picked}")
     if out.val_auc is not None:
         print(f"validation AUC {out.val_auc:.4f}")
     print(f"threshold {out.calibration.threshold:.4f} ({out.calibration.rule})")
