@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from cxr_oneclass.data.specs import load_dataset
-from cxr_oneclass.data.synthetic import Lesions, lung_masks
+from cxr_oneclass.data.synthetic import Lesions, jitter, lung_masks
 from cxr_oneclass.metrics import auc
 
 
@@ -47,25 +47,6 @@ class UNet(nn.Module):
         for i in reversed(range(len(self.up))):
             x = self.dec[i](torch.cat([self.up[i](x), skips[i]], 1))
         return self.head(x), bottleneck, skips
-
-
-def augment(x, lungs, gen):
-    """Plausible positioning and exposure changes: shift, zoom, small rotation; contrast, brightness, gamma."""
-    b = x.shape[0]
-    ang = (torch.rand(b, generator=gen) - 0.5) * 2 * 0.08
-    sc = 1 + (torch.rand(b, generator=gen) - 0.5) * 2 * 0.08
-    tx, ty = [(torch.rand(b, generator=gen) - 0.5) * 2 * 0.06 for _ in range(2)]
-    theta = torch.stack([torch.stack([sc * torch.cos(ang), -sc * torch.sin(ang), tx], 1),
-                         torch.stack([sc * torch.sin(ang), sc * torch.cos(ang), ty], 1)], 1)
-    grid = F.affine_grid(theta, x.shape, align_corners=False)
-    both = F.grid_sample(torch.cat([x, lungs], 1), grid, padding_mode="border", align_corners=False)
-    x, lungs = both[:, :1], both[:, 1:]
-    gamma = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.4)
-    x = x.clamp(1e-4, 1) ** gamma
-    c = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.3
-    m = x.mean((2, 3), keepdim=True)
-    x = ((x - m) * c + m + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.1).clamp(0, 1)
-    return x, lungs
 
 
 def focal(logits, target, gamma=2.0):
@@ -160,7 +141,7 @@ def main():
         idx = torch.randint(0, len(imgs), (a.bs,), generator=gen)
         x, lg = imgs[idx], lungs[idx]
         if not a.no_aug:
-            x, lg = augment(x, lg, gen)
+            x, lg = jitter(x, lg, gen)
         xa, mask, _ = les(x, lg)
         loss = 0.0
         inp = xa

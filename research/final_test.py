@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -70,12 +71,18 @@ def main() -> None:
         val, test = ds["val"], ds["test"]
         sv, st = score_images(model, val.images)["score"], score_images(model, test.images)["score"]
         r = {"terms": model.cfg.score_terms, "val_auc": auc(val.labels, sv), "test_auc": auc(test.labels, st)}
+        table = (doc.get("score_selection") or {}).get("val_auc_by_terms") or {}
+        without = {k: v for k, v in table.items() if "seg" not in k.split("+")}
+        if without:  # what `best` would have chosen on validation on these GAN weights, read on test for comparison
+            terms = max(without, key=lambda k: (round(without[k], 4), -k.count("+")))
+            cfg = replace(model.cfg, score_terms=terms)
+            r["best_terms"], r["best_test_auc"] = terms, auc(test.labels, score_images(model, test.images, cfg=cfg)["score"])
         r.update(at_thresholds(val.labels, sv, test.labels, st))
         r.update(breakdown(test, st))
         results[run] = r
-        per_data[prov.spec].append((val, test, sv, st))
+        per_data[(prov.spec, tuple(test.names))].append((val, test, sv, st))
         print(run, json.dumps(r))
-    for spec, items in per_data.items():
+    for (spec, _), items in per_data.items():
         if len(items) < 2:
             continue
         val, test = items[0][0], items[0][1]
