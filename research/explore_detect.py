@@ -22,6 +22,7 @@ from sklearn.covariance import LedoitWolf
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.synthetic import Lesions, jitter, lung_masks
 from cxr_oneclass.metrics import auc
+from cxr_oneclass.training.detector import focal_loss
 
 
 def block(cin, cout):
@@ -47,13 +48,6 @@ class UNet(nn.Module):
         for i in reversed(range(len(self.up))):
             x = self.dec[i](torch.cat([self.up[i](x), skips[i]], 1))
         return self.head(x), bottleneck, skips
-
-
-def focal(logits, target, gamma=2.0):
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    pt = p * target + (1 - p) * (1 - target)
-    return (ce * (1 - pt) ** gamma).mean()
 
 
 @torch.no_grad()
@@ -150,7 +144,7 @@ def main():
             loss = loss + (xr - x).abs().mean() * 5
             inp = torch.cat([xa, xr], 1)
         logit = seg(inp * 2 - 1)[0]
-        loss = loss + focal(logit, mask) * 10
+        loss = loss + focal_loss(logit, mask) * 10
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TINY
 from cxr_oneclass.cli import main
 from cxr_oneclass.metrics import bootstrap_ci, operating_point, predictive_values
 from cxr_oneclass.scoring.calibration import MIN_ABNORMAL_FOR_THRESHOLD, fit_calibration
 
-TINY = ["--image-size", "32", "--width", "8", "--batch-size", "8", "--threads", "1", "--epochs", "1", "--detector-width", "4",
-        "--detector-steps", "8"]
 PHANTOM = "phantom:n_train=48,n_val_normal=40,n_val_abnormal=40,n_test_normal=20,n_test_abnormal=20,size=32"
 
 

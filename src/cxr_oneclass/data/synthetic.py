@@ -16,6 +16,7 @@ grey range), as the phantoms' masks are. Images are (B, 1, H, W) in [0, 1].
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -129,8 +130,8 @@ class Lesions:
     def __init__(self, spec: LesionSpec | None = None, mix: dict[str, float] | None = None,
                  gen: torch.Generator | None = None, p_abnormal: float | None = None) -> None:
         self.spec = spec or LesionSpec()
-        if p_abnormal is not None:
-            self.spec.p_abnormal = p_abnormal
+        if p_abnormal is not None:  # a copy: a spec the caller passed stays as it was
+            self.spec = dataclasses.replace(self.spec, p_abnormal=p_abnormal)
         mix = dict(DEFAULT_MIX if mix is None else mix)
         self.kinds = [k for k in KINDS if mix.get(k, 0) > 0]
         w = torch.tensor([mix[k] for k in self.kinds], dtype=torch.float64)
