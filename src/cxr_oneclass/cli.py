@@ -194,7 +194,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         source, paths = args.run, args.paths
     views = _views(args.views)
     salt = args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT") or None
-    scorer = Scorer(source)
+    scorer = Scorer(source, int8=args.int8)
     columns = ["file", "patient_id", "accession", "study_uid", "series_uid", "sop_uid", "view", "score", "normal_percentile",
                "flag", "raw_score", *scorer.terms, "population_distance", "outside_population",
                *(["heatmap_file"] if args.heatmaps else []), "error"]
@@ -266,7 +266,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     views = _views(args.views)
     print(f"serving {args.run} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     serve(args.run, args.host, args.port, args.db, args.token, views, args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"),
-          args.max_batch, args.max_wait_ms, "info" if args.verbose else "warning")
+          args.max_batch, args.max_wait_ms, "info" if args.verbose else "warning", int8=args.int8)
     return 0
 
 
@@ -287,17 +287,25 @@ def cmd_listen(args: argparse.Namespace) -> int:
         print(f"listening as {args.ae_title} on {args.host}:{receiver.port} (Ctrl-C to stop)", flush=True)
 
     listen(args.run, ae_title=args.ae_title, host=args.host, port=args.port, db=args.db, allowed_aes=allowed, sr_destination=dest,
-           views=views, salt=args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"), ready=ready)
+           views=views, salt=args.pseudonymise or os.environ.get("CXR_ONECLASS_SALT"), ready=ready, int8=args.int8)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .jobs.export import export_run
 
-    info = export_run(args.run, args.out, opset=args.opset, verify=not args.no_verify)
-    print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB): input uint8 (B,1,H,W); outputs score, components, heatmap")
+    info = export_run(args.run, args.out, opset=args.opset, verify=not args.no_verify, int8=args.int8, calibration_data=args.calibration_data)
+    print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB, {info['precision']}): input uint8 (B,1,H,W); outputs score, components, heatmap")
+    if "int8" in info:
+        q = info["int8"]
+        print(f"int8: networks quantised, activation ranges from {q['calibration_images']} training normals ({q['calibration_source']})")
     if info["max_rel_diff"] is not None:
-        print(f"onnxruntime vs PyTorch: largest difference {info['max_rel_diff']:.1e} of an output's scale")
+        if info["precision"] == "int8":
+            d = info["diff_by_output"]
+            print(f"onnxruntime int8 vs PyTorch fp32: score differs by at most {d['score']:.1e} of the validation range; "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in d.items() if k != "score") + " of each term's size")
+        else:
+            print(f"onnxruntime vs PyTorch: largest difference {info['max_rel_diff']:.1e} of an output's scale")
     return 0
 
 
@@ -382,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", metavar="RUN", help="run folder (with --onnx: the first PATH)")
     s.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders")
     s.add_argument("--onnx", metavar="FILE", help="score with an exported .onnx graph instead of a run folder")
+    s.add_argument("--int8", action="store_true", help="score with the run's int8 graph (RUN/model.int8.onnx, quantised and "
+                   "checked on first use from the run's training normals): about 2x faster on CPU, scores within 0.05 of the "
+                   "validation range of fp32's")
     s.add_argument("--csv", metavar="FILE", help="write the scores here (CSV) instead of printing them")
     s.add_argument("--studies-csv", metavar="FILE", help="one row per study (StudyInstanceUID): its highest image score and flag")
     s.add_argument("--json", metavar="FILE", help="images, studies, the population check and the operating point, as JSON")
@@ -423,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", "--onnx", dest="out", required=True, metavar="FILE", help=".onnx file to write (--onnx: its old name)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    o.add_argument("--int8", action="store_true", help="quantise the networks to int8 (onnxruntime static quantisation, "
+                   "calibrated on the run's training normals): about 2x the fp32 graph's throughput on CPU")
+    o.add_argument("--calibration-data", metavar="SPEC", help="where the training normals for --int8 are, when not where "
+                   "the run was trained (a data spec, split with the run's split seed)")
     o.set_defaults(func=cmd_export)
 
     sv = verb("serve", "the triage service: HTTP API, worklist page, results database")
@@ -434,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--views", default="PA,AP", help="views to score; others are stored as skipped")
     sv.add_argument("--pseudonymise", metavar="SALT", help="store patient IDs as a keyed hash (or CXR_ONECLASS_SALT)")
     sv.add_argument("--max-batch", type=int, default=32, help="most images scored together (micro-batching)")
+    sv.add_argument("--int8", action="store_true", help="score with the run's int8 graph (built on first use, see score --int8): about half the CPU time per film")
     sv.add_argument("--max-wait-ms", type=float, default=10.0, help="longest an image waits for others to join its batch")
     sv.set_defaults(func=cmd_serve)
 
@@ -446,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--allow", nargs="+", metavar="AE", help="calling AE titles allowed to send (default: any, on loopback)")
     ls.add_argument("--send-sr", metavar="HOST:PORT:AE", help="send each scored study's DICOM SR there (C-STORE)")
     ls.add_argument("--views", default="PA,AP", help="views to score; others are stored as skipped")
+    ls.add_argument("--int8", action="store_true", help="score with the run's int8 graph (built on first use, see score --int8): about half the CPU time per film")
     ls.add_argument("--pseudonymise", metavar="SALT", help="store patient IDs as a keyed hash (or CXR_ONECLASS_SALT)")
     ls.set_defaults(func=cmd_listen)
 

@@ -19,7 +19,7 @@ DB_FILE = "triage.sqlite"  # the database `serve` uses by default too: one workl
 def listen(run_dir: str | Path, ae_title: str = DEFAULT_AE_TITLE, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
            db: str | Path | None = None, allowed_aes: Iterable[str] | None = None, sr_destination: tuple[str, int, str] | None = None,
            views: AbstractSet[str] = DEFAULT_VIEWS, salt: str | None = None,
-           ready: Callable[[Receiver], None] | None = None) -> None:
+           ready: Callable[[Receiver], None] | None = None, int8: bool = False) -> None:
     """Receive and score until interrupted (KeyboardInterrupt; the CLI turns SIGTERM into one) or until the receiver
     is stopped (`ready` gets it: `receiver.stop()` from another thread ends the call). Then stops cleanly: open
     associations finish, due SRs are sent, the database is closed. The database defaults to RUN/triage.sqlite.
@@ -29,7 +29,7 @@ def listen(run_dir: str | Path, ae_title: str = DEFAULT_AE_TITLE, host: str = "1
     allowed = None if allowed_aes is None else set(allowed_aes)
     check_exposure(host, allowed)
     db_path = Path(db) if db else Path(run_dir) / DB_FILE
-    triage = Triage(run_dir, db_path, views=views, salt=salt)
+    triage = Triage(run_dir, db_path, views=views, salt=salt, int8=int8)
     try:
         receiver = Receiver(triage, ae_title=ae_title, host=host, port=port, allowed_aes=allowed, sr_destination=sr_destination)
         receiver.start()

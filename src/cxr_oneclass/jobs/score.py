@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 from .._version import __version__
 from ..data.images import load_image, resize, to_uint8
 from ..data.studies import DEFAULT_VIEWS, ImageInfo, discover, pseudonymise, read_info, skip_reason
-from ..errors import CxrError, ImageError
+from ..errors import CxrError, ImageError, RunError
 from ..reporting.dicom_out import ImageResult, ModelInfo, StudyResult, model_uid, write_heatmap_sc, write_study_sr
 from ..runs import MODEL_FILE, file_sha256, load_run
 from ..scoring.calibration import Calibration
@@ -92,22 +92,62 @@ class ScoredImage:
         return out
 
 
-class Scorer:
-    """A run folder or an exported .onnx graph, ready to score uint8 images (N, S, S) of its size."""
+INT8_FILE = "model.int8.onnx"  # a run's int8 scoring graph, built by `score RUN --int8` on first use
 
-    def __init__(self, source: str | Path, batch_size: int = 64) -> None:
+
+def int8_graph(run_dir: str | Path, doc: dict) -> Path:
+    """RUN/model.int8.onnx, built (and checked) when missing or made from other weights; needs the run's training
+    normals the first time (to calibrate on). A run folder that cannot be written gets it in a temp folder."""
+    from ..scoring.onnx import META, OnnxScorer
+
+    run_dir = Path(run_dir)
+    path = run_dir / INT8_FILE
+    digest = doc.get("weights_sha256") or file_sha256(run_dir / MODEL_FILE)
+    if path.is_file():
+        try:
+            meta = OnnxScorer(path).session.get_modelmeta().custom_metadata_map
+            if meta.get(META + "precision") == "int8" and meta.get(META + "weights_sha256") == digest:
+                return path
+        except CxrError:
+            pass  # unreadable or foreign: rebuilt below
+        log.info("%s: made from other weights; rebuilding it", path)
+    from .export import export_run
+
+    if not os.access(run_dir, os.W_OK):
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="cxr-int8-")) / INT8_FILE
+    log.info("quantising %s to int8 (once; calibrated on its training normals) -> %s", run_dir, path)
+    export_run(run_dir, path, int8=True)
+    return path
+
+
+class Scorer:
+    """A run folder or an exported .onnx graph, ready to score uint8 images (N, S, S) of its size. `int8` with a
+    run folder: score with its int8 graph (`int8_graph`), keeping the run's population check and identity."""
+
+    def __init__(self, source: str | Path, batch_size: int = 64, int8: bool = False) -> None:
         self.source = Path(source)
         self.batch_size = batch_size
-        if self.source.suffix.lower() == ".onnx":
+        onnx_file = self.source if self.source.suffix.lower() == ".onnx" else None
+        self.doc: dict = {}
+        self.population = None  # an export carries no population statistics
+        if onnx_file is None and int8:
+            _, _, self.doc = load_run(self.source)
+            self.population = Population.from_dict(self.doc["population"]) if self.doc.get("population") else None
+            onnx_file = int8_graph(self.source, self.doc)
+        if onnx_file is not None:
             from ..scoring.onnx import OnnxScorer  # onnxruntime loads only for .onnx sources
 
-            self._onnx = OnnxScorer(self.source)
+            self._onnx = OnnxScorer(onnx_file)
+            if int8 and self._onnx.precision != "int8":
+                raise RunError(f"{onnx_file}: an {self._onnx.precision} graph; for --int8 export one with `export RUN --out FILE --int8`")
             self.image_size, self.calibration = self._onnx.image_size, self._onnx.calibration
             self.heatmap_kind = self._onnx.heatmap_kind
             self.terms = [o for o in self._onnx.outputs if o in TERM_NAMES]
             self.score_terms = [t for t in self._onnx.score_terms if t in self.terms] or self.terms
-            self.model, self.doc = None, {}
-            self.population = None  # an export carries no population statistics
+            self.model = None
+            self.precision = self._onnx.precision
         else:
             self.model, self.calibration, self.doc = load_run(self.source)
             self.population = Population.from_dict(self.doc["population"]) if self.doc.get("population") else None
@@ -115,6 +155,7 @@ class Scorer:
             self.heatmap_kind = heatmap_kind(self.model.cfg)
             self.terms = model_components(self.model)
             self.score_terms = [t for t in score_term_names(self.model.cfg) if t in self.terms]
+            self.precision = "fp32"
 
     @property
     def heatmap_max(self) -> float:
@@ -154,7 +195,7 @@ class Scorer:
 
     def model_info(self) -> ModelInfo:
         """What DICOM results say about the model: name, version, a UID from the weights' checksum, operating point."""
-        digest = self.doc.get("weights_sha256") or file_sha256(self.source if self.model is None else self.source / MODEL_FILE)
+        digest = self.doc.get("weights_sha256") or file_sha256(self.source if self.source.is_file() else self.source / MODEL_FILE)
         cal = self.calibration
         preset = f"score {'+'.join(self.score_terms)}"
         return ModelInfo(name=f"cxr-oneclass ({preset})", version=str(self.doc.get("version") or __version__), uid=model_uid(digest),

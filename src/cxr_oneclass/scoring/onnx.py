@@ -11,7 +11,9 @@ The graph (`ScoringGraph`):
 
 Metadata (`metadata_props`) carries what scoring needs without the run folder: `cxr_oneclass.image_size`,
 `cxr_oneclass.calibration` (JSON: lo, hi, threshold on the normalised scale; "null" if the run had none),
-`cxr_oneclass.config`, `cxr_oneclass.components`, `cxr_oneclass.heatmap` (residual | sdist), `cxr_oneclass.version`. normalised = (score - lo) / (hi - lo);
+`cxr_oneclass.config`, `cxr_oneclass.components`, `cxr_oneclass.heatmap` (residual | sdist), `cxr_oneclass.version`,
+`cxr_oneclass.precision` (fp32, or int8 for `scoring.quantize`'s graph, which also records `cxr_oneclass.int8`),
+`cxr_oneclass.weights_sha256` (the run's weights, when exported from a run folder). normalised = (score - lo) / (hi - lo);
 an image is flagged when normalised >= threshold.
 
 Exported with the TorchScript-based exporter (`dynamo=False`: the torch.export-based one needs onnxscript), batch
@@ -32,6 +34,7 @@ from .._version import __version__
 from ..errors import RunError
 from ..io_utils import atomic_path
 from ..model.networks import OneClassGAN, fold_batchnorm
+from ..model.rewrite import subpixel_upsampling
 from .calibration import Calibration
 from .inference import component_weights, compute_components, model_components
 from .terms import RESIDUAL, heatmap_kind
@@ -44,9 +47,11 @@ META = "cxr_oneclass."
 class ScoringGraph(nn.Module):
     """uint8 images (B,1,H,W) -> (score, components..., heatmap), computed by `scoring.compute_components`."""
 
-    def __init__(self, model: OneClassGAN) -> None:
+    def __init__(self, model: OneClassGAN, subpixel: bool = False) -> None:
         super().__init__()
         self.net = fold_batchnorm(model).float().cpu()
+        if subpixel:  # conv + depth-to-space instead of transposed convs: what int8 quantisation needs
+            subpixel_upsampling(self.net)
         self.weights = component_weights(model)
         self.components = model_components(model)
 
@@ -59,13 +64,15 @@ class ScoringGraph(nn.Module):
         return (out["score"], *[out[k] for k in self.components], out["heatmap"])
 
 
-def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | None = None, opset: int = OPSET, check: bool = True) -> Path:
+def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | None = None, opset: int = OPSET, check: bool = True,
+                subpixel: bool = False, extra_meta: dict[str, str] | None = None) -> Path:
     """Write the scoring graph of `model` to `out` (atomically: temp file + rename) with the metadata above;
-    `onnx.checker` validates it before it replaces `out`."""
+    `onnx.checker` validates it before it replaces `out`. `subpixel`: upsample with conv + depth-to-space
+    (`model.rewrite`), the form `scoring.quantize` quantises; the same function, a little slower in fp32."""
     import onnx
 
     out = Path(out)
-    graph = ScoringGraph(model).eval()
+    graph = ScoringGraph(model, subpixel).eval()
     size = model.cfg.image_size
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     names = graph.output_names
@@ -88,6 +95,8 @@ def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | 
             "calibration": json.dumps(calibration.to_dict() if calibration else None),
             "config": json.dumps(model.cfg.to_dict()),
             "heatmap": heatmap_kind(model.cfg),
+            "precision": "fp32",
+            **(extra_meta or {}),
         }
         del proto.metadata_props[:]
         for k, v in meta.items():
@@ -127,6 +136,7 @@ class OnnxScorer:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.score_terms = list(json.loads(meta.get(META + "score_weights", "{}")))  # the terms the score sums
         self.heatmap_kind = meta.get(META + "heatmap", RESIDUAL)  # exports before sdist: always the residual
+        self.precision = meta.get(META + "precision", "fp32")  # int8: scoring.quantize's graph
 
     def score(self, images: np.ndarray, batch_size: int = 64, keep_maps: bool = False) -> dict[str, np.ndarray]:
         """Like `scoring.inference.score_images`: score and components (N,) as float64, heat maps (N,H,W) as float16."""

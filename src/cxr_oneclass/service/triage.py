@@ -41,8 +41,8 @@ class Triage:
 
     def __init__(self, run_dir: str | Path, db_path: str | Path, views: frozenset[str] | set[str] = DEFAULT_VIEWS,
                  salt: str | None = None, max_batch: int = 32, max_wait_s: float = 0.01, accept_any_modality: bool = False,
-                 timeout_s: float = 120.0) -> None:
-        self.scorer = Scorer(run_dir)
+                 timeout_s: float = 120.0, int8: bool = False) -> None:
+        self.scorer = Scorer(run_dir, int8=int8)  # int8: the run's quantised graph (jobs.score.int8_graph)
         self.store = ResultStore(db_path)
         self.views, self.salt, self.accept_any_modality, self.timeout_s = set(views), salt, accept_any_modality, timeout_s
         self.batcher = MicroBatcher(self._score_stack, max_batch, max_wait_s)
