@@ -24,9 +24,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks research tools
 
-# Training and scoring speed vs. this machine's compute ceiling (ARGS=--quick for a smoke test, --ablate for more).
+# Speed and scale (docs/RESULTS.md has the recorded figures): speed vs. this machine's ceiling, the default beside
+# its peers, int8 vs fp32 scoring, archive-scale scoring in flat memory. ARGS=--quick: a smoke test in about a
+# minute (CI runs it); RUNS="RUN..." benchmarks int8 on trained runs (default: a tiny phantom run).
+BENCH_OUT ?= runs/bench
 bench: $(STAMP)
-	$(PY) benchmarks/speed.py --out runs/bench/speed.json $(ARGS)
+	$(PY) benchmarks/speed.py --out $(BENCH_OUT)/speed.json $(ARGS)
+	$(PY) benchmarks/peers.py --out $(BENCH_OUT)/peers.json $(ARGS)
+	$(PY) benchmarks/quant.py --out $(BENCH_OUT)/quant.json $(ARGS) $(if $(RUNS),--runs $(RUNS))
+	$(PY) benchmarks/scale.py --out $(BENCH_OUT)/scale.json --images-dir $(BENCH_OUT)/scale-images $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

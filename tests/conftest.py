@@ -152,3 +152,21 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def bench_quick(tmp_path_factory) -> Path:
+    """`make bench ARGS=--quick` (every benchmark as a smoke test, about a minute) into a temp folder, once per
+    session; with this interpreter (PY=) and no set-up step (STAMP=), so it runs wherever the tests do."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = tmp_path_factory.mktemp("bench")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["make", "-s", "bench", "ARGS=--quick", f"BENCH_OUT={out}", f"PY={sys.executable}", "STAMP="],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    return out

@@ -236,12 +236,12 @@ def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path
     """Score files, folders and DICOM file sets in bounded-memory chunks, yielding records in input order.
 
     Files are found by suffix or DICOM content (`studies.discover`); each DICOM header is read first, and an image
-    that is not one of `views` (or not an image) is yielded as `skipped` with the reason, never decoded. Threads
-    decode chunk k+1 while chunk k is scored: at most two chunks of images are in memory, whatever the number of
-    files. Unreadable inputs are yielded as `error` records, never fatal for the others. Heat maps are drawn into
-    `heatmap_dir` when given, and kept in the records with `keep_maps` (the decoded images with `keep_images`).
-    DICOM files that are not projection radiographs are refused unless `accept_any_modality`. `population`
-    accumulates the batch's population check.
+    that is not one of `views` (or not an image) is yielded as `skipped` with the reason, never decoded. Threads,
+    one a core, decode chunk k+1 while chunk k is scored: at most two chunks of images are in memory, whatever the
+    number of files. Unreadable inputs are yielded as `error` records, never fatal for the others. Heat maps are
+    drawn into `heatmap_dir` when given, and kept in the records with `keep_maps` (the decoded images with
+    `keep_images`). DICOM files that are not projection radiographs are refused unless `accept_any_modality`.
+    `population` accumulates the batch's population check.
     """
     draw = heatmap_dir is not None
     files, missing = discover(paths)
@@ -270,7 +270,13 @@ def iter_scores(scorer: Scorer, paths: list[str | Path], heatmap_dir: str | Path
 
     bs = scorer.batch_size
     chunks = [files[s : s + bs] for s in range(0, len(files), bs)]
-    with ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
+    # A decoding thread per core this process may use (its affinity mask, which containers and taskset narrow;
+    # decoders release the GIL): with many cores and large files, decoding must not hold back a fast model.
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    with ThreadPoolExecutor(max(2, min(32, cores))) as pool:
         pending = [pool.submit(prepare, p) for p in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
             prepared = [f.result() for f in pending]
