@@ -72,7 +72,8 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     films = torch.from_numpy(np.ascontiguousarray(train_normals)).float().div(255).unsqueeze(1)
     lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p)
     device = next(det.parameters()).device
-    det.train()
+    # channels-last: 1.2x faster steps on CPU (its convolutions are mostly 3x3 at 16-256 channels; benchmarks/peers.py)
+    det.to(memory_format=torch.channels_last).train()
     ema = copy.deepcopy(det)
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -87,7 +88,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
         idx = torch.randint(0, len(films), (min(cfg.detector_batch, len(films)),), generator=gen)
         x, lung = jitter(films[idx], lungs[idx], gen)
         x_bad, mask, _ = lesions(x, lung)
-        x_bad, mask = x_bad.to(device), mask.to(device)
+        x_bad, mask = x_bad.to(device).contiguous(memory_format=torch.channels_last), mask.to(device)
         loss = focal_loss(det(x_bad * 2 - 1), mask) * 10  # x10: the focal loss is small; keeps Adam's steps sane
         if not torch.isfinite(loss):
             raise FloatingPointError(f"detector loss is {float(loss)} at step {step}; lower --detector-lr")
@@ -106,5 +107,5 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
             log.info("detector %s", ", ".join(f"{k}={v}" for k, v in row.items()))
             bar.set_postfix(loss=f"{row['loss']:.3f}")
     det.load_state_dict(best if best is not None else ema.state_dict())
-    det.eval()
+    det.to(memory_format=torch.contiguous_format).eval()  # saved and exported as plain tensors
     return history
