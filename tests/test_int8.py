@@ -173,3 +173,23 @@ def test_triage_service_scores_with_int8(run_copy, tmp_path):
         t.close()
     ref = Scorer(run_copy).records(["film"], np.array(Image.open(film))[None])[0]
     assert rec["flag"] in ("normal", "abnormal") and abs(float(rec["score"]) - ref.score) <= 2 * export_job.INT8_TOLERANCE
+
+
+def test_int8_threshold_is_refitted_on_validation_and_follows_calibrate(run_copy, tmp_path):
+    from cxr_oneclass.runs import load_run, run_dataset
+
+    info = export_run(run_copy, tmp_path / "m8.onnx", int8=True)
+    note = info["int8_calibration"]
+    assert note["refitted"] and note["split"] == "val"
+    scorer = OnnxScorer(tmp_path / "m8.onnx")
+    _, fp32_cal, doc = load_run(run_copy)
+    assert scorer.calibration.lo == fp32_cal.lo and scorer.calibration.hi == fp32_cal.hi  # same scale
+    val = run_dataset(run_copy, doc, 32, ("val",)).splits["val"]
+    flagged = scorer.calibration.normalise(scorer.score(val.images)["score"]) >= scorer.calibration.threshold
+    assert flagged[val.labels == 1].mean() >= fp32_cal.target_sensitivity  # the int8 graph's own 95% point
+    # `calibrate` to a fixed threshold: the cached int8 graph is stale, rebuilt with that threshold kept as is
+    Scorer(run_copy, int8=True)
+    built = (run_copy / INT8_FILE).stat().st_mtime_ns
+    assert main(["-q", "calibrate", str(run_copy), "--threshold", "0.4"]) == 0
+    again = Scorer(run_copy, int8=True)
+    assert (run_copy / INT8_FILE).stat().st_mtime_ns != built and again.calibration.threshold == 0.4

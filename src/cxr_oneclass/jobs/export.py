@@ -4,6 +4,8 @@ networks quantised to int8 (`scoring/quantize.py`), calibrated on the run's trai
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,12 @@ import torch.nn.functional as F
 from ..errors import CxrError, RunError
 from ..io_utils import atomic_path
 from ..runs import MODEL_FILE, file_sha256, load_run, run_dataset
+from ..scoring.calibration import Calibration, fit_calibration
 from ..scoring.inference import model_components, score_tensor
-from ..scoring.onnx import OPSET, OnnxScorer, export_onnx
+from ..scoring.onnx import OPSET, OnnxScorer, export_onnx, set_metadata
 from ..scoring.quantize import pick_calibration, quantize_model
+
+log = logging.getLogger(__name__)
 
 # Agreement needed, as a fraction of each output's own scale (below). The whitened distances (fdist, sdist)
 # magnify float rounding in the features: onnxruntime and PyTorch sum in other orders, so their relative
@@ -57,6 +62,28 @@ def training_normals(run_dir: str | Path, doc: dict, size: int, data: str | None
     return train.images[train.labels == 0], ds.spec
 
 
+def int8_threshold(run_dir: str | Path, doc: dict, size: int, graph: Path, calibration: Calibration) -> tuple[Calibration, dict]:
+    """The run's operating point for the int8 graph: its threshold refitted, at the run's target sensitivity, on
+    the split it was set on (the run's validation split, or the one `calibrate` used), scored by the int8 graph;
+    the normalisation stays. int8 moves scores a little, and at a 95%-sensitivity threshold a little is a few
+    points of sensitivity. A fixed threshold stays; so does the fp32 one when that split cannot be read."""
+    note: dict = {"fp32_threshold": calibration.threshold}
+    if calibration.target_sensitivity is None:
+        return calibration, {**note, "refitted": False, "why": f"kept: {calibration.rule}"}
+    where = doc.get("calibrated") or {}
+    split = where.get("split", "val")
+    try:
+        images = run_dataset(run_dir, doc, size, (split,), where.get("data")).splits[split]
+    except (CxrError, KeyError) as exc:
+        log.warning("int8: the run's threshold is kept (could not read the %s split it was set on: %s)", split, exc)
+        return calibration, {**note, "refitted": False, "why": f"{split} split not readable: {exc}"}
+    if not images.n_abnormal:
+        return calibration, {**note, "refitted": False, "why": f"no abnormal films in the {split} split"}
+    raw = OnnxScorer(graph).score(images.images)["score"]
+    new = fit_calibration(raw, images.labels, calibration.target_sensitivity, scale=calibration)
+    return new, {**note, "refitted": True, "threshold": new.threshold, "split": split, "n": len(images)}
+
+
 def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, verify: bool = True, int8: bool = False,
                calibration_data: str | None = None) -> dict:
     """Export a trained run; with `verify`, score film-like images with onnxruntime and PyTorch and return the
@@ -75,7 +102,11 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, verify:
     meta = {"weights_sha256": doc.get("weights_sha256") or file_sha256(Path(run_dir) / MODEL_FILE)}
     with atomic_path(out) as tmp:  # renamed onto `out` only when the check passed
         if int8:
+            meta["run_calibration"] = json.dumps(calibration.to_dict() if calibration else None)  # what it was made from
             info["int8"] = quantize_model(model, tmp, normals, calibration, source=spec, opset=opset, extra_meta=meta)
+            if calibration is not None:
+                int8_cal, info["int8_calibration"] = int8_threshold(run_dir, doc, model.cfg.image_size, tmp, calibration)
+                set_metadata(tmp, {"calibration": json.dumps(int8_cal.to_dict())})
         else:
             export_onnx(model, tmp, calibration, opset, extra_meta=meta)
         if verify:

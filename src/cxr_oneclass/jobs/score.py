@@ -10,6 +10,7 @@ Report and the heat maps as Secondary Captures)."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import sys
@@ -96,8 +97,10 @@ INT8_FILE = "model.int8.onnx"  # a run's int8 scoring graph, built by `score RUN
 
 
 def int8_graph(run_dir: str | Path, doc: dict) -> Path:
-    """RUN/model.int8.onnx, built (and checked) when missing or made from other weights; needs the run's training
-    normals the first time (to calibrate on). A run folder that cannot be written gets it in a temp folder."""
+    """RUN/model.int8.onnx, built (and checked) when missing or made from other weights or another operating point
+    (`calibrate` moved it since); needs the run's training normals to build (to calibrate on), and refits the
+    threshold on its validation split (`export.int8_threshold`). A run folder that cannot be written gets it in a
+    temp folder."""
     from ..scoring.onnx import META, OnnxScorer
 
     run_dir = Path(run_dir)
@@ -106,11 +109,12 @@ def int8_graph(run_dir: str | Path, doc: dict) -> Path:
     if path.is_file():
         try:
             meta = OnnxScorer(path).session.get_modelmeta().custom_metadata_map
-            if meta.get(META + "precision") == "int8" and meta.get(META + "weights_sha256") == digest:
+            made_from = json.loads(meta.get(META + "run_calibration", "null"))
+            if meta.get(META + "precision") == "int8" and meta.get(META + "weights_sha256") == digest and made_from == doc.get("calibration"):
                 return path
         except CxrError:
             pass  # unreadable or foreign: rebuilt below
-        log.info("%s: made from other weights; rebuilding it", path)
+        log.info("%s: made from other weights or another operating point; rebuilding it", path)
     from .export import export_run
 
     if not os.access(run_dir, os.W_OK):

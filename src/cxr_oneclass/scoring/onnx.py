@@ -111,6 +111,20 @@ def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | 
     return out
 
 
+def set_metadata(path: str | Path, values: dict[str, str]) -> None:
+    """Set `cxr_oneclass.<key>` metadata entries of an .onnx file in place (for a file not yet put in place)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update({META + k: v for k, v in values.items()})
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(path))
+
+
 class OnnxScorer:
     """Scores uint8 images (N, H, W) with an exported graph, using only the .onnx file."""
 
