@@ -57,6 +57,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import busy_processes  # noqa: E402
 
 from cxr_oneclass.io_utils import write_json  # noqa: E402
 
@@ -80,16 +83,6 @@ NIH_FINDINGS = {  # ChestX-ray14 label counts (of 112,120 images), for realistic
 NIH_ROWS, NIH_PATIENTS, NIH_NO_FINDING = 112_120, 30_805, 60_361
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")  # as released: unquoted commas
-
-
-def busy_processes() -> list[str]:
-    """The busiest other processes (what else was running), from ps."""
-    try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    rows = [r.strip()[:140] for r in out.splitlines()[1:] if r.strip() and not r.strip().startswith(str(os.getpid()) + " ")]
-    return [r for r in rows if float(r.split()[1]) >= 5.0][:6]
 
 
 def version_of(dist: str) -> str | None:

@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import busy_processes  # noqa: E402
 
 from cxr_oneclass.config import replace, resolve  # noqa: E402
 from cxr_oneclass.io_utils import write_json  # noqa: E402
@@ -89,16 +91,6 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def busy_processes() -> list[str]:
-    """The busiest other processes (what else was running), from ps."""
-    try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    rows = [r.strip()[:140] for r in out.splitlines()[1:] if r.strip() and not r.strip().startswith(str(os.getpid()) + " ")]
-    return [r for r in rows if float(r.split()[1]) >= 5.0][:6]
 
 
 # ------------------------------------------------------------------------------------------------ training
