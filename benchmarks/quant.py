@@ -90,7 +90,7 @@ def bench_run(run: Path, work: Path, reps: int, calls: int, n_speed: int) -> dic
     speed_images = np.resize(train.images, (n_speed, size, size))  # real films, repeated to n_speed
     out: dict = {"run": str(run), "data": ds.spec, "image_size": size, "score_terms": model.cfg.score_terms,
                  "export_seconds": {"fp32": round(t_fp32, 1), "int8": round(t_int8, 1)}, "int8": info["int8"],
-                 "int8_check": info["diff_by_output"], "bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size}}
+                 "int8_check": info["diff_by_output"], "int8_calibration": info.get("int8_calibration"), "bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size}}
     for name, scorer in scorers.items():
         row: dict = {"images_per_s_b64": throughput(scorer, speed_images, reps), "latency_b1": latency(scorer, speed_images[:1], calls)}
         for split in ("val", "test"):
