@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = 1e-3
 # int8 rounds every activation to 1 of 256 levels: its scores differ from PyTorch's by design. What must hold is that
 # a film's place on the calibrated scale barely moves: the score's difference in units of the validation range
-# (normalised 0..1), on film-like images and on real training normals.
+# (normalised 0..1), on real training normals.
 INT8_TOLERANCE = 0.05
 
 
@@ -88,8 +88,8 @@ def export_run(run_dir: str | Path, out: str | Path, opset: int = OPSET, verify:
                calibration_data: str | None = None) -> dict:
     """Export a trained run; with `verify`, score film-like images with onnxruntime and PyTorch and return the
     largest difference (see `agreement`); above TOLERANCE it raises and writes nothing. `int8`: the quantised
-    graph, calibrated on the run's training normals (or `calibration_data`); its check also scores real training
-    normals and allows INT8_TOLERANCE on the score (the terms are reported, not held to a bound)."""
+    graph, calibrated on the run's training normals (or `calibration_data`); its check scores real training normals
+    instead and allows INT8_TOLERANCE on the score (the terms are reported, not held to a bound)."""
     model, calibration, doc = load_run(run_dir)
     out = Path(out)
     info = {"path": str(out), "bytes": 0, "max_rel_diff": None, "diff_by_output": None, "precision": "int8" if int8 else "fp32"}

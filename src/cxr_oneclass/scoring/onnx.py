@@ -98,10 +98,7 @@ def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | 
             "precision": "fp32",
             **(extra_meta or {}),
         }
-        del proto.metadata_props[:]
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = META + k, v
+        write_metadata(proto, {META + k: v for k, v in meta.items()})
         proto.producer_name = "cxr-oneclass"
         proto.producer_version = __version__
         proto.doc_string = "cxr-oneclass scoring graph; see cxr_oneclass/scoring/onnx.py for inputs, outputs and metadata"
@@ -111,6 +108,14 @@ def export_onnx(model: OneClassGAN, out: str | Path, calibration: Calibration | 
     return out
 
 
+def write_metadata(proto, meta: dict[str, str]) -> None:
+    """Replace an onnx ModelProto's metadata_props by `meta` (full keys)."""
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
 def set_metadata(path: str | Path, values: dict[str, str]) -> None:
     """Set `cxr_oneclass.<key>` metadata entries of an .onnx file in place (for a file not yet put in place)."""
     import onnx
@@ -118,10 +123,7 @@ def set_metadata(path: str | Path, values: dict[str, str]) -> None:
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
     meta.update({META + k: v for k, v in values.items()})
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    write_metadata(proto, meta)
     onnx.save(proto, str(path))
 
 

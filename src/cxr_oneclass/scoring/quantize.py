@@ -1,7 +1,7 @@
 """int8 scoring graph: onnxruntime static quantisation of the exported graph, calibrated on training normals.
 
 What is quantised: the networks (U, E, D and the lesion detector S): their convolutions run as int8 (QDQ format,
-per-channel weights, activation ranges from `CalibrationImages`). The score stage after them (SSIM windows, the
+per-channel weights, MinMax activation ranges on training normals; Percentile and Entropy did no better). The score stage after them (SSIM windows, the
 whitened feature distances, pooling of S's map) stays fp32: it is cheap, and it is where a rounding error would be
 magnified into the score. The graph is exported with sub-pixel upsampling first (`model.rewrite`), because
 onnxruntime quantises `Conv` but runs `ConvTranspose` in float.
@@ -24,7 +24,7 @@ from ..errors import RunError
 from ..io_utils import atomic_path
 from ..model.networks import OneClassGAN
 from .calibration import Calibration
-from .onnx import META, OPSET, export_onnx
+from .onnx import META, OPSET, export_onnx, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ def pick_calibration(images: np.ndarray, n: int = CALIBRATION_IMAGES) -> np.ndar
 
 
 def quantize_model(model: OneClassGAN, out: str | Path, calibration_images: np.ndarray, calibration: Calibration | None = None,
-                   source: str = "", opset: int = OPSET, method: str = "MinMax", extra_meta: dict[str, str] | None = None) -> dict:
+                   source: str = "", opset: int = OPSET, extra_meta: dict[str, str] | None = None) -> dict:
     """Write the int8 scoring graph of `model` to `out` (atomically), its activation ranges calibrated on
     `calibration_images` (uint8 (N, S, S) normal films of the model's size). Returns what it did."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     size = model.cfg.image_size
@@ -89,17 +89,13 @@ def quantize_model(model: OneClassGAN, out: str | Path, calibration_images: np.n
             raise RunError("int8 export: no network nodes found in the graph (did the exporter rename them?)")
         with atomic_path(out) as target:
             quantize_static(str(pre), str(target), Batches(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep_fp32,
-                            calibrate_method=CalibrationMethod[method])
+                            weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep_fp32)
             proto = onnx.load(str(target))
             info = {"calibration_images": int(len(images)), "calibration_source": source, "format": "QDQ",
                     "activations": "uint8", "weights": "int8 per channel", "fp32_nodes": len(keep_fp32),
                     "quantised_nodes": sum(n.op_type == "QuantizeLinear" for n in proto.graph.node)}
             meta.update({META + "precision": "int8", META + "int8": json.dumps(info)})
-            del proto.metadata_props[:]
-            for k, v in meta.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = k, v
+            write_metadata(proto, meta)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(target))
     log.info("int8 graph %s: %d calibration images, %d quantise nodes", out, info["calibration_images"], info["quantised_nodes"])
