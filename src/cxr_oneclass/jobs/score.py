@@ -30,7 +30,7 @@ from ..data.images import load_image, resize, to_uint8
 from ..data.studies import DEFAULT_VIEWS, ImageInfo, discover, pseudonymise, read_info, skip_reason
 from ..errors import CxrError, ImageError, RunError
 from ..reporting.dicom_out import ImageResult, ModelInfo, StudyResult, model_uid, write_heatmap_sc, write_study_sr
-from ..runs import MODEL_FILE, file_sha256, load_run
+from ..runs import MODEL_FILE, file_sha256, load_run, read_run_config
 from ..scoring.calibration import Calibration
 from ..scoring.inference import model_components, score_images
 from ..scoring.population import BatchCheck, Population
@@ -101,19 +101,21 @@ def int8_graph(run_dir: str | Path, doc: dict) -> Path:
     (`calibrate` moved it since); needs the run's training normals to build (to calibrate on), and refits the
     threshold on its validation split (`export.int8_threshold`). A run folder that cannot be written gets it in a
     temp folder."""
-    from ..scoring.onnx import META, OnnxScorer
+    import onnx
+
+    from ..scoring.onnx import META
 
     run_dir = Path(run_dir)
     path = run_dir / INT8_FILE
     digest = doc.get("weights_sha256") or file_sha256(run_dir / MODEL_FILE)
     if path.is_file():
-        try:
-            meta = OnnxScorer(path).session.get_modelmeta().custom_metadata_map
+        try:  # the metadata only (no inference session: the Scorer makes the one it scores with)
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
             made_from = json.loads(meta.get(META + "run_calibration", "null"))
             if meta.get(META + "precision") == "int8" and meta.get(META + "weights_sha256") == digest and made_from == doc.get("calibration"):
                 return path
-        except CxrError:
-            pass  # unreadable or foreign: rebuilt below
+        except Exception:  # noqa: BLE001 - unreadable or foreign: rebuilt below
+            pass
         log.info("%s: made from other weights or another operating point; rebuilding it", path)
     from .export import export_run
 
@@ -137,7 +139,7 @@ class Scorer:
         self.doc: dict = {}
         self.population = None  # an export carries no population statistics
         if onnx_file is None and int8:
-            _, _, self.doc = load_run(self.source)
+            self.doc = read_run_config(self.source)  # the graph scores: the weights need not load
             self.population = Population.from_dict(self.doc["population"]) if self.doc.get("population") else None
             onnx_file = int8_graph(self.source, self.doc)
         if onnx_file is not None:
