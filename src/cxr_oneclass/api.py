@@ -31,7 +31,7 @@ from .scoring.calibration import Calibration
 
 
 class Run:
-    """A trained run folder (or an exported .onnx graph), loaded once and ready to score."""
+    """A trained run folder (or an exported .onnx graph, or an ensemble of runs), loaded once and ready to score."""
 
     def __init__(self, path: str | Path, batch_size: int = 64) -> None:
         self.path = Path(path)
@@ -39,7 +39,7 @@ class Run:
 
     @property
     def config(self) -> Config | None:
-        """The resolved config the run was trained with (None for an .onnx graph)."""
+        """The resolved config the run was trained with (None for an .onnx graph or an ensemble)."""
         return self._scorer.model.cfg if self._scorer.model is not None else None
 
     @property

@@ -94,6 +94,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.data or not args.out:
         raise CxrError("train needs --data and --out (or --resume RUN)")
     cfg = config_from_args(args)
+    if args.ensemble is not None:
+        from .jobs.ensemble import train_ensemble
+
+        if distributed.launched_by_torchrun():
+            raise CxrError("--ensemble trains its members one after the other in one process: run it without torchrun")
+
+        doc = train_ensemble(cfg, args.data, args.out, args.ensemble, progress=not args.quiet)
+        _print_ensemble(doc, args.out)
+        return 0
     # Under torchrun (WORLD_SIZE > 1): data-parallel training; every rank trains, rank 0 writes and prints.
     if distributed.init_from_env(pick_device(cfg.device).type):
         try:
@@ -116,6 +125,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"validation AUC {out.val_auc:.4f}")
     print(f"threshold {out.calibration.threshold:.4f} ({out.calibration.rule})")
     print(f"model written to {out.run_dir}")
+    return 0
+
+
+def _print_ensemble(doc: dict, out: str) -> None:
+    members = ", ".join(f"{m['val_auc']:.4f}" if m.get("val_auc") is not None else "undefined" for m in doc["members"])
+    print(f"ensemble of {len(doc['members'])} runs; members' validation AUC {members}")
+    if doc.get("val_auc") is not None:
+        print(f"validation AUC {doc['val_auc']:.4f} (the members' standardised scores averaged)")
+    print(f"threshold {doc['calibration']['threshold']:.4f} ({doc['calibration']['rule']})")
+    print(f"ensemble written to {out}")
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .jobs.ensemble import build_ensemble
+
+    _print_ensemble(build_ensemble(args.runs, args.out, progress=not args.quiet), args.out)
     return 0
 
 
@@ -366,8 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="csv:MANIFEST, folder:PATH, nih:PATH, rsna:PATH or phantom[:OPTIONS] (see README)")
     t.add_argument("--out", help="run folder to write (written as RUN.partial until complete)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted training of RUN from its last checkpoint")
+    t.add_argument("--ensemble", type=int, metavar="K", help="train K models (seeds SEED..SEED+K-1) on one split and score "
+                   "them as one: their standardised scores averaged (K times the training and scoring time; steadier)")
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
+
+    en = verb("ensemble", "score K runs of one data split as one: standardised scores averaged, calibrated on validation")
+    en.add_argument("runs", nargs="+", metavar="RUN", help="trained runs of the same data and split (e.g. other seeds)")
+    en.add_argument("--out", required=True, help="ensemble folder to write (the runs are copied into OUT/members/)")
+    en.set_defaults(func=cmd_ensemble)
 
     e = verb("evaluate", "AUC and operating points of a run on a labelled split")
     e.add_argument("run")

@@ -42,6 +42,7 @@ from .scoring.terms import LEGACY_SLOT_ORDER, TERM_NAMES
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+ENSEMBLE_FILE = "ensemble.json"  # an ensemble of runs (scoring/ensemble.py), not a run
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.csv"
@@ -399,6 +400,9 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
             raise RunError(f"run folder {run_dir} not found: its training did not finish ({partial}; continue it with "
                            f"`cxr-oneclass train --resume {run_dir}`)")
         raise RunError(f"run folder {run_dir} not found")
+    if not is_run(run_dir) and (run_dir / ENSEMBLE_FILE).is_file():
+        raise RunError(f"{run_dir} is an ensemble of runs: `score`, `evaluate`, `serve` and `listen` take it; this command "
+                       f"takes one run (e.g. its member {run_dir / 'members' / '0'})")
     if not is_run(run_dir):
         raise RunError(f"{run_dir} has no trained model ({MODEL_FILE} + {CONFIG_FILE}); train one with `cxr-oneclass train`")
     try:

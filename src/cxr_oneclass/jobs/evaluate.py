@@ -13,6 +13,7 @@ from ..metrics import compute_metrics
 from ..model.networks import OneClassGAN
 from ..runs import METRICS_FILE, SCORES_FILE, check_writable, eval_dir, load_run, run_dataset, staged
 from ..scoring.calibration import Calibration
+from ..scoring.ensemble import is_ensemble, load_ensemble
 from ..scoring.inference import model_components, score_images
 from ..scoring.population import BatchCheck, Population
 
@@ -31,13 +32,26 @@ def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: 
 
     Without `data`, the split comes from the data and split seed the run recorded, so it is exactly the split the
     run was trained beside. `prevalence` adds PPV and NPV at that prevalence of abnormal films."""
-    model, calibration, doc = load_run(run_dir)
-    cfg = model.cfg
+    if is_ensemble(run_dir):  # K runs scored as one (scoring/ensemble.py); its data is its first member's
+        ens = load_ensemble(run_dir)
+        calibration, components, image_size = ens.calibration, ens.components, ens.image_size
+        doc, data_dir = {**ens.docs[0], "population": ens.population}, Path(run_dir) / ens.doc["members"][0]["path"]
+
+        def score(images: ImageSet) -> dict[str, np.ndarray]:
+            out = ens.score(images.images, ens.models[0].cfg.batch_size, progress=progress and len(images) > 500)
+            out["normalised"] = calibration.normalise(out["score"]) if calibration else out["score"]
+            return out
+    else:
+        model, calibration, doc = load_run(run_dir)
+        components, image_size, data_dir = model_components(model), model.cfg.image_size, Path(run_dir)
+
+        def score(images: ImageSet) -> dict[str, np.ndarray]:
+            return score_set(model, calibration, images, model.cfg.batch_size, progress=progress)
     out = Path(out_dir) if out_dir is not None else eval_dir(run_dir, split)
     check_writable(out)  # before the work, not after it
-    ds = run_dataset(run_dir, doc, cfg.image_size, (split,), data)
+    ds = run_dataset(data_dir, doc, image_size, (split,), data)
     images = ds[split]
-    scored = score_set(model, calibration, images, cfg.batch_size, progress=progress)
+    scored = score(images)
     metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None, prevalence)
     if doc.get("population"):  # does this split look like the training population? (it should, for a test split)
         check = BatchCheck(Population.from_dict(doc["population"]))
@@ -49,7 +63,7 @@ def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: 
     rows = []
     for i, name in enumerate(images.names):
         row = {"file": name, "label": int(images.labels[i]), "score": scored["normalised"][i], "raw_score": scored["score"][i]}
-        row.update({k: scored[k][i] for k in model_components(model)})
+        row.update({k: scored[k][i] for k in components})
         row.update({k: v[i] for k, v in images.meta.items()})
         rows.append(row)
     with staged(out) as part:  # metrics and scores replace an earlier evaluation together

@@ -32,6 +32,7 @@ from ..errors import CxrError, ImageError, RunError
 from ..reporting.dicom_out import ImageResult, ModelInfo, StudyResult, model_uid, write_heatmap_sc, write_study_sr
 from ..runs import MODEL_FILE, file_sha256, load_run, read_run_config
 from ..scoring.calibration import Calibration
+from ..scoring.ensemble import Ensemble, is_ensemble, load_ensemble
 from ..scoring.inference import model_components, score_images
 from ..scoring.population import BatchCheck, Population
 from ..scoring.terms import HEATMAP_DISPLAY, TERM_NAMES, heatmap_kind, score_term_names
@@ -138,6 +139,17 @@ class Scorer:
         onnx_file = self.source if self.source.suffix.lower() == ".onnx" else None
         self.doc: dict = {}
         self.population = None  # an export carries no population statistics
+        self._ensemble: Ensemble | None = None
+        if onnx_file is None and is_ensemble(self.source):
+            if int8:
+                raise RunError(f"{self.source} is an ensemble: --int8 scores a run or an exported graph; score the ensemble in fp32 "
+                               f"or one member (e.g. {self.source / 'members' / '0'}) with --int8")
+            ens = self._ensemble = load_ensemble(self.source)
+            self.doc, self.model, self.calibration = ens.doc, None, ens.calibration
+            self.population = Population.from_dict(ens.population) if ens.population else None
+            self.image_size, self.heatmap_kind = ens.image_size, ens.heatmap_kind
+            self.terms, self.score_terms, self.precision = ens.components, ens.score_terms, "fp32"
+            return
         if onnx_file is None and int8:
             self.doc = read_run_config(self.source)  # the graph scores: the weights need not load
             self.population = Population.from_dict(self.doc["population"]) if self.doc.get("population") else None
@@ -168,6 +180,8 @@ class Scorer:
         return HEATMAP_DISPLAY[self.heatmap_kind][1]
 
     def score(self, images: np.ndarray, keep_maps: bool = False) -> dict[str, np.ndarray]:
+        if self._ensemble is not None:
+            return self._ensemble.score(images, self.batch_size, keep_maps=keep_maps)
         if self.model is None:
             return self._onnx.score(images, self.batch_size, keep_maps=keep_maps)
         return score_images(self.model, images, self.batch_size, keep_maps=keep_maps)
@@ -201,9 +215,14 @@ class Scorer:
 
     def model_info(self) -> ModelInfo:
         """What DICOM results say about the model: name, version, a UID from the weights' checksum, operating point."""
-        digest = self.doc.get("weights_sha256") or file_sha256(self.source if self.source.is_file() else self.source / MODEL_FILE)
+        if self._ensemble is not None:
+            digest = self._ensemble.digest
+        else:
+            digest = self.doc.get("weights_sha256") or file_sha256(self.source if self.source.is_file() else self.source / MODEL_FILE)
         cal = self.calibration
         preset = f"score {'+'.join(self.score_terms)}"
+        if self._ensemble is not None:
+            preset = f"ensemble of {len(self._ensemble.models)}, {preset}"
         return ModelInfo(name=f"cxr-oneclass ({preset})", version=str(self.doc.get("version") or __version__), uid=model_uid(digest),
                          operating_point=(f"threshold {cal.threshold:.4f}: {cal.rule}" if cal else "none"),
                          threshold=float(cal.threshold) if cal else 0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -61,11 +62,12 @@ def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
 
 
 def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, on_reading: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
     """Train `det` in place (on its device; lesions are drawn on the CPU) and leave in it the weights chosen; returns one history row per reading.
 
     train_normals: uint8 (N, H, W). `val` with normal and abnormal films picks the reading with the highest
-    validation AUC of the seg term; without, the last reading is kept."""
+    validation AUC of the seg term; without, the last reading is kept. `on_reading(step, ema)` sees the averaged
+    weights at each reading (analysis: research/detector_readings.py)."""
     gen = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
     torch.manual_seed(cfg.seed + SEED_OFFSET)
     lungs = torch.from_numpy(lung_masks(train_normals)).unsqueeze(1)  # (N, 1, H, W) soft masks
@@ -104,6 +106,8 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
                 if row["val_auc"] > best_auc:
                     best_auc, best = row["val_auc"], copy.deepcopy(ema.state_dict())
             history.append(row)
+            if on_reading is not None:
+                on_reading(step, ema)
             log.info("detector %s", ", ".join(f"{k}={v}" for k, v in row.items()))
             bar.set_postfix(loss=f"{row['loss']:.3f}")
     det.load_state_dict(best if best is not None else ema.state_dict())
