@@ -164,3 +164,16 @@ def test_the_triage_service_serves_an_ensemble(ens, tmp_path):
         assert "ensemble of 2" in card and "research use only" in card.lower()
     finally:
         server.stop()
+
+
+def test_calibrate_moves_an_ensembles_threshold_only(ens, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(ens, moved)
+    members_before = (moved / "members/0/config.json").read_text()
+    assert main(["-q", "calibrate", str(moved), "--threshold", "0.5"]) == 0
+    assert "ensemble.json" in capsys.readouterr().out
+    assert load_ensemble(moved).calibration.threshold == 0.5
+    assert (moved / "members/0/config.json").read_text() == members_before
+    assert "threshold 0.5000" in (moved / "MODEL_CARD.md").read_text()
+    rec = Scorer(moved).records(["a"], _images(1))[0]
+    assert rec.flag == ("abnormal" if rec.score >= 0.5 else "normal")

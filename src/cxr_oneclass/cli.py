@@ -202,7 +202,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"after   {show(out['after'])} ({out['calibration']['rule']})")
     for w in out["calibration"]["warnings"]:
         print(f"warning: {w}")
-    print(f"wrote {Path(args.run) / 'config.json'} and MODEL_CARD.md; evaluations at the old threshold were removed")
+    print(f"wrote {out['wrote']} and MODEL_CARD.md; evaluations at the old threshold were removed")
     return 0
 
 

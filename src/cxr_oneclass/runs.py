@@ -401,7 +401,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
                            f"`cxr-oneclass train --resume {run_dir}`)")
         raise RunError(f"run folder {run_dir} not found")
     if not is_run(run_dir) and (run_dir / ENSEMBLE_FILE).is_file():
-        raise RunError(f"{run_dir} is an ensemble of runs: `score`, `evaluate`, `serve` and `listen` take it; this command "
+        raise RunError(f"{run_dir} is an ensemble of runs: `score`, `evaluate`, `calibrate`, `serve` and `listen` take it; this command "
                        f"takes one run (e.g. its member {run_dir / 'members' / '0'})")
     if not is_run(run_dir):
         raise RunError(f"{run_dir} has no trained model ({MODEL_FILE} + {CONFIG_FILE}); train one with `cxr-oneclass train`")

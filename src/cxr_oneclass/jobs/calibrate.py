@@ -13,9 +13,11 @@ from ..errors import DataError
 from ..io_utils import write_json
 from ..metrics import operating_point
 from ..reporting.model_card import write_model_card
-from ..runs import CONFIG_FILE, load_run, run_dataset
+from ..runs import CONFIG_FILE, ENSEMBLE_FILE, load_run, run_dataset
 from ..scoring.calibration import fit_calibration
+from ..scoring.ensemble import is_ensemble, load_ensemble
 from ..scoring.inference import score_images
+from .ensemble import write_ensemble_card
 
 
 def calibrate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "val",
@@ -26,14 +28,20 @@ def calibrate_run(run_dir: str | Path, data: str | Dataset | None = None, split:
     if target_sensitivity is not None and threshold is not None:
         raise DataError("give a target sensitivity or a threshold, not both")
     run_dir = Path(run_dir)
-    model, old, doc = load_run(run_dir)
-    ds = run_dataset(run_dir, doc, model.cfg.image_size, (split,), data)
+    ens = load_ensemble(run_dir) if is_ensemble(run_dir) else None
+    if ens is not None:  # K runs scored as one: the ensemble's own calibration moves, its members' stay
+        old, doc, cfg = ens.calibration, ens.doc, ens.models[0].cfg
+        ds = run_dataset(run_dir / ens.doc["members"][0]["path"], ens.docs[0], cfg.image_size, (split,), data)
+    else:
+        model, old, doc = load_run(run_dir)
+        cfg = model.cfg
+        ds = run_dataset(run_dir, doc, cfg.image_size, (split,), data)
     images = ds[split]
     if threshold is None and not images.n_abnormal:
         raise DataError(f"{split} split of {ds.spec!r} has no abnormal images: a sensitivity cannot be set on it "
                         "(give --threshold, or labelled abnormal films)")
-    raw = score_images(model, images.images, model.cfg.batch_size)["score"]
-    target = target_sensitivity if target_sensitivity is not None else model.cfg.target_sensitivity
+    raw = (ens.score(images.images, cfg.batch_size) if ens is not None else score_images(model, images.images, cfg.batch_size))["score"]
+    target = target_sensitivity if target_sensitivity is not None else cfg.target_sensitivity
     new = fit_calibration(raw, images.labels, target, threshold, scale=old)
     before = operating_point(images.labels, old.normalise(raw), old.threshold) if old else None
     after = operating_point(images.labels, new.normalise(raw), new.threshold)
@@ -42,6 +50,10 @@ def calibrate_run(run_dir: str | Path, data: str | Dataset | None = None, split:
                          "n_abnormal": images.n_abnormal, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for stale in run_dir.glob("eval-*"):  # first: an evaluation must never sit beside a threshold it was not made at
         shutil.rmtree(stale, ignore_errors=True)
-    write_json(run_dir / CONFIG_FILE, doc)  # one atomic write; the weights (and their checksum) are unchanged
-    write_model_card(run_dir)
-    return {"before": before, "after": after, "calibration": new.to_dict(), "split": split, "data": ds.spec}
+    written = run_dir / (ENSEMBLE_FILE if ens is not None else CONFIG_FILE)
+    write_json(written, doc)  # one atomic write; the weights (and their checksum) are unchanged
+    if ens is not None:
+        write_ensemble_card(run_dir)
+    else:
+        write_model_card(run_dir)
+    return {"before": before, "after": after, "calibration": new.to_dict(), "split": split, "data": ds.spec, "wrote": str(written)}

@@ -77,6 +77,15 @@ def ensemble_card(doc: dict, labels: np.ndarray, normalised: np.ndarray, thresho
     return "\n".join(lines)
 
 
+def write_ensemble_card(ens_dir: str | Path) -> None:
+    """(Re)write ENS/MODEL_CARD.md from its validation split, e.g. after `calibrate` moved the threshold."""
+    ens = load_ensemble(ens_dir)
+    val = _shared_split([Path(ens_dir) / ens.doc["members"][0]["path"]])["val"]
+    score = ens.score(val.images, ens.models[0].cfg.batch_size)["score"]
+    cal = ens.calibration
+    write_text(Path(ens_dir) / MODEL_CARD, ensemble_card(ens.doc, val.labels, cal.normalise(score), cal.threshold))
+
+
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, progress: bool = True) -> dict:
     """Copy the runs into OUT/members/, fit each member's standardisation on the validation normals and the
     ensemble's calibration on validation, write OUT/ensemble.json last. Returns the ensemble document."""
