@@ -177,3 +177,30 @@ def test_calibrate_moves_an_ensembles_threshold_only(ens, tmp_path, capsys):
     assert "threshold 0.5000" in (moved / "MODEL_CARD.md").read_text()
     rec = Scorer(moved).records(["a"], _images(1))[0]
     assert rec.flag == ("abnormal" if rec.score >= 0.5 else "normal")
+
+
+def test_an_interrupted_ensemble_continues_where_it_stopped(tmp_path, monkeypatch):
+    from cxr_oneclass.config import resolve
+    from cxr_oneclass.jobs import ensemble as job
+
+    cfg = resolve("detect", image_size=32, width=8, batch_size=8, num_threads=1, epochs=1, detector_width=4, detector_steps=8)
+    out = tmp_path / "ens"
+    real, calls = job.train_run, []
+
+    def second_fails(c, data, d, progress=True):
+        calls.append(c.seed)
+        if c.seed == 1:
+            raise KeyboardInterrupt
+        return real(c, data, d, progress=False)
+
+    monkeypatch.setattr(job, "train_run", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        job.train_ensemble(cfg, PHANTOM, out, 2, progress=False)
+    first = tmp_path / "ens.members" / "seed0" / "model.safetensors"
+    assert first.is_file() and not out.exists()
+    trained = first.read_bytes()
+    monkeypatch.setattr(job, "train_run", lambda c, data, d, progress=True: (calls.append(c.seed), real(c, data, d, progress=False))[1])
+    job.train_ensemble(cfg, PHANTOM, out, 2, progress=False)
+    assert calls == [0, 1, 1]  # seed 0 was trained once and kept
+    assert (out / ENSEMBLE_FILE).is_file() and not (tmp_path / "ens.members").exists()
+    assert (out / "members/0/model.safetensors").read_bytes() == trained

@@ -19,10 +19,21 @@ from ..errors import RunError
 from ..io_utils import write_json, write_text
 from ..metrics import auc, operating_point
 from ..reporting.model_card import MODEL_CARD
-from ..runs import CONFIG_FILE, MODEL_FILE, DataProvenance, check_writable, is_run, read_run_config, run_dataset, staged
+from ..runs import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    DataProvenance,
+    check_writable,
+    is_run,
+    load_checkpoint,
+    partial_dir,
+    read_run_config,
+    run_dataset,
+    staged,
+)
 from ..scoring.calibration import fit_calibration
 from ..scoring.ensemble import ENSEMBLE_FILE, FORMAT, MEMBERS_DIR, load_ensemble, standardisation
-from .train import train_run
+from .train import resume_run, train_run
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +145,8 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, progress: bool =
 def train_ensemble(cfg: Config, data: str | Dataset, out: str | Path, k: int, progress: bool = True) -> dict:
     """Train K members (seeds cfg.seed .. cfg.seed+K-1) on one split of `data` (drawn with cfg.seed) and build the
     ensemble OUT. Members train into OUT.members/ (a run there that is complete is kept: running the same command
-    again continues an interrupted ensemble), which is removed once OUT is written."""
+    again continues an interrupted ensemble, an interrupted member from its last checkpoint), which is removed once
+    OUT is written."""
     if k < 2:
         raise RunError(f"--ensemble needs K >= 2 (got {k})")
     out = Path(out)
@@ -146,6 +158,9 @@ def train_ensemble(cfg: Config, data: str | Dataset, out: str | Path, k: int, pr
         d = root / f"seed{cfg.seed + i}"
         if is_run(d):
             log.info("member %d/%d: %s is trained; kept", i + 1, k, d)
+        elif load_checkpoint(partial_dir(d)) is not None:  # interrupted: continue it from its last checkpoint
+            log.info("member %d/%d: continuing the interrupted training of %s", i + 1, k, d)
+            resume_run(d, progress=progress)
         else:
             log.info("member %d/%d: training seed %d -> %s", i + 1, k, cfg.seed + i, d)
             train_run(replace(cfg, seed=cfg.seed + i), ds, d, progress=progress)
