@@ -106,3 +106,27 @@ def test_export_carries_the_detector(det_run, tmp_path):
     out = tmp_path / "m.onnx"
     assert main(["-q", "export", str(det_run), "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+
+
+def test_lesion_kinds_choose_what_s_is_taught(monkeypatch):
+    from cxr_oneclass.data import synthetic
+    from cxr_oneclass.training import detector as training
+
+    assert synthetic.lesion_mix("all") is None
+    assert synthetic.lesion_mix("patch+blur") == {"patch": synthetic.DEFAULT_MIX["patch"], "blur": synthetic.DEFAULT_MIX["blur"]}
+    with pytest.raises(ConfigError, match="lesion-kinds"):
+        resolve("detect", lesion_kinds="patch+tumour")
+    drawn = []
+    real = synthetic.Lesions
+
+    def spy(*a, **k):  # the kinds the training's renderer draws from
+        les = real(*a, **k)
+        drawn.append(les.kinds)
+        return les
+
+    monkeypatch.setattr(training, "Lesions", spy)
+    normals = (phantom.render(16, size=32, seed=1)[0] * 255).astype(np.uint8)
+    for kinds in ("all", "nodule+blur"):
+        fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=2, detector_batch=4, lesion_kinds=kinds),
+                     normals, None, progress=False)
+    assert drawn == [list(synthetic.KINDS), ["nodule", "blur"]]

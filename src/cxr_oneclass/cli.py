@@ -55,6 +55,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detector-width", type=int, help="lesion detector S trained on synthetic lesions (score term seg); 0 = none")
     g.add_argument("--detector-steps", type=int, help="training steps of the lesion detector")
     g.add_argument("--lesion-p", type=float, help="share of the detector's training films that get synthetic lesions")
+    g.add_argument("--lesion-kinds", help="'+'-joined synthetic lesions S is taught (opacity, diffuse, nodule, effusion, "
+                   "pneumothorax, patch, blur), or all")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
@@ -62,7 +64,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
-                "detector_width", "detector_steps", "lesion_p")
+                "detector_width", "detector_steps", "lesion_p", "lesion_kinds")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -18,6 +18,8 @@ VARIANTS = ("u", "u+e", "u+d", "full")
 
 
 # Upper bounds far above any sensible chest X-ray model (the paper: 64 px, width 64, latent 100, batch 64).
+# The synthetic lesions S can be taught (data/synthetic.py draws them; here so that a config can be checked alone).
+LESION_KINDS = ("opacity", "diffuse", "nodule", "effusion", "pneumothorax", "patch", "blur")
 LIMITS = {"image_size": 1024, "width": 512, "detector_width": 512, "detector_steps": 10**8, "detector_batch": 65536, "latent_dim": 4096, "batch_size": 65536, "epochs": 100000, "steps": 10**8,
           "num_threads": 1024}
 
@@ -52,6 +54,7 @@ class Config:
     detector_lr: float = 1e-3
     detector_ema: float = 0.99  # decay of the weights' moving average that scores
     lesion_p: float = 0.5  # share of the detector's training films that get synthetic lesions
+    lesion_kinds: str = "all"  # '+'-joined LESION_KINDS S is taught (data/synthetic.py), or all
     # --- operating point: the threshold is set on validation abnormals at this sensitivity (`calibrate` refits it)
     target_sensitivity: float = 0.95
     # --- optimisation ---
@@ -108,6 +111,9 @@ class Config:
             raise ConfigError("detector-width must be >= 0, detector-steps >= 1 and detector-batch >= 2")
         if not 0 <= self.detector_ema < 1 or not 0 < self.lesion_p <= 1 or self.detector_lr <= 0:
             raise ConfigError("detector-ema must be in [0, 1), lesion-p in (0, 1] and detector-lr > 0")
+        kinds = self.lesion_kinds.split("+")
+        if self.lesion_kinds != "all" and (not set(kinds) <= set(LESION_KINDS) or len(set(kinds)) != len(kinds)):
+            raise ConfigError(f"lesion-kinds must be all or '+'-joined kinds of {', '.join(LESION_KINDS)}, got {self.lesion_kinds!r}"[:300])
         if "seg" in self.score_terms.split("+") and not self.uses_s:
             raise ConfigError("score term seg needs the lesion detector: set detector-width > 0")
         if self.noise_std < 0 or self.lr <= 0:

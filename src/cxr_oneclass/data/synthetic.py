@@ -25,10 +25,19 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..config import LESION_KINDS
+
 MASK_TAU = 0.02  # |change| (of the [0, 1] grey range, ~5 grey levels) above which a pixel counts as abnormal
-KINDS = ("opacity", "diffuse", "nodule", "effusion", "pneumothorax", "patch", "blur")
+KINDS = LESION_KINDS
 DEFAULT_MIX = {"opacity": 3.0, "diffuse": 2.0, "nodule": 1.0, "effusion": 1.0, "pneumothorax": 0.5, "patch": 2.0,
                "blur": 0.5}
+
+
+def lesion_mix(kinds: str) -> dict[str, float] | None:
+    """The draw weights of config `lesion_kinds`: DEFAULT_MIX's weights of the kinds named ('+'-joined); None for all."""
+    if kinds == "all":
+        return None
+    return {k: DEFAULT_MIX[k] for k in kinds.split("+")}
 
 
 def _lung_prior(h: int, w: int) -> np.ndarray:
