@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--write-runs", default="", help="comma-separated strategies to write as runs: OUT/<run>-<strategy>")
     ap.add_argument("--mix", default="", help="kind=weight,... : the lesion kinds drawn (default data/synthetic.DEFAULT_MIX)")
     ap.add_argument("--anywhere", action="store_true", help="lesions anywhere on the film, not only in the lung fields")
+    ap.add_argument("--lung-floor", type=float, default=0.0, help="lung masks raised to at least this everywhere: a share of "
+                    "the lesions lands outside the lungs (0.25: about half of them on both shared sets at 64 px)")
     ap.add_argument("--tag", default="", help="suffix of this ablation's output names")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="which to evaluate (and may write)")
     a = ap.parse_args()
@@ -84,6 +86,9 @@ def main() -> None:
             detector.Lesions = functools.partial(synthetic.Lesions, mix=mix)
     if a.anywhere:
         detector.lung_masks = lambda images: np.ones(images.shape, np.float32)
+    elif a.lung_floor > 0:  # some lesions outside the lungs (centres drawn in proportion to the mask), fainter there
+        own = detector.lung_masks
+        detector.lung_masks = lambda images: np.maximum(own(images), np.float32(a.lung_floor))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for run in a.runs:
