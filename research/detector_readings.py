@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -81,8 +82,8 @@ def main() -> None:
         mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
         if all(synthetic.DEFAULT_MIX.get(k) == w for k, w in mix.items()):  # a subset of the kinds: config lesion_kinds
             kinds = "+".join(k for k in synthetic.KINDS if k in mix)
-        else:  # other weights than DEFAULT_MIX's: the mix every config asks for
-            detector.lesion_mix = lambda kinds: mix
+        else:
+            detector.Lesions = functools.partial(synthetic.Lesions, mix=mix)
     if a.anywhere:
         detector.lung_masks = lambda images: np.ones(images.shape, np.float32)
     elif a.lung_floor > 0:  # some lesions outside the lungs (centres drawn in proportion to the mask), fainter there

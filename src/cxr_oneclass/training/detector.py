@@ -72,7 +72,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     torch.manual_seed(cfg.seed + SEED_OFFSET)
     lungs = torch.from_numpy(lung_masks(train_normals)).unsqueeze(1)  # (N, 1, H, W) soft masks
     films = torch.from_numpy(np.ascontiguousarray(train_normals)).float().div(255).unsqueeze(1)
-    lesions = Lesions(mix=lesion_mix(cfg.lesion_kinds), gen=gen, p_abnormal=cfg.lesion_p)
+    lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p, **({"mix": lesion_mix(cfg.lesion_kinds)} if cfg.lesion_kinds != "all" else {}))
     device = next(det.parameters()).device
     # channels-last: 1.2x faster steps on CPU (its convolutions are mostly 3x3 at 16-256 channels; benchmarks/peers.py)
     det.to(memory_format=torch.channels_last).train()
