@@ -15,15 +15,15 @@ without retraining (`--write-runs`).
     python research/detector_readings.py runs/x14i/nih-det16-s0 --out runs/x14r
 
 Ablations of the synthetic lesions (`--mix opacity=3,diffuse=2,...`: the kinds drawn and their weights, see
-data/synthetic.DEFAULT_MIX; `--anywhere`: lesions placed anywhere on the film instead of in the lung fields) retrain
-S the same way with that change; `--tag` names their outputs.
+data/synthetic.DEFAULT_MIX; `--anywhere`: lesions placed anywhere on the film instead of in the lung fields, config
+lung_floor 1; `--lung-floor`, `--lung-keep`: config lung_floor / lung_keep) retrain S the same way with that change;
+`--tag` names their outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import shutil
 from dataclasses import replace
@@ -37,7 +37,7 @@ from cxr_oneclass.data import synthetic
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.metrics import auc
 from cxr_oneclass.runs import DataProvenance, load_run, save_run
-from cxr_oneclass.runtime import seed_everything
+from cxr_oneclass.runtime import pick_device, seed_everything
 from cxr_oneclass.scoring.selection import fit_score_and_calibration
 from cxr_oneclass.scoring.stats import build_scoring_model
 from cxr_oneclass.training import detector
@@ -72,8 +72,11 @@ def main() -> None:
     ap.add_argument("--write-runs", default="", help="comma-separated strategies to write as runs: OUT/<run>-<strategy>")
     ap.add_argument("--mix", default="", help="kind=weight,... : the lesion kinds drawn (default data/synthetic.DEFAULT_MIX)")
     ap.add_argument("--anywhere", action="store_true", help="lesions anywhere on the film, not only in the lung fields")
-    ap.add_argument("--lung-floor", type=float, default=0.0, help="lung masks raised to at least this everywhere: a share of "
-                    "the lesions lands outside the lungs (0.25: about half of them on both shared sets at 64 px)")
+    ap.add_argument("--lung-floor", type=float, default=0.0, help="config lung_floor: lung masks raised to at least this "
+                    "everywhere, a share of the lesions lands outside the lungs (0.25: about half of them on both shared sets at 64 px)")
+    ap.add_argument("--lung-keep", type=float, default=0.7, help="config lung_keep: the darker share of each film's lung "
+                    "region that counts as lung (1: all of it, opaque lung too)")
+    ap.add_argument("--detector-steps", type=int, default=0, help="S's training steps (default: the run's)")
     ap.add_argument("--tag", default="", help="suffix of this ablation's output names")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="which to evaluate (and may write)")
     a = ap.parse_args()
@@ -83,18 +86,18 @@ def main() -> None:
         if all(synthetic.DEFAULT_MIX.get(k) == w for k, w in mix.items()):  # a subset of the kinds: config lesion_kinds
             kinds = "+".join(k for k in synthetic.KINDS if k in mix)
         else:
-            detector.Lesions = functools.partial(synthetic.Lesions, mix=mix)
-    if a.anywhere:
-        detector.lung_masks = lambda images: np.ones(images.shape, np.float32)
-    elif a.lung_floor > 0:  # some lesions outside the lungs (centres drawn in proportion to the mask), fainter there
-        own = detector.lung_masks
-        detector.lung_masks = lambda images: np.maximum(own(images), np.float32(a.lung_floor))
+            detector.lesion_mix = lambda kinds: mix
+    placement = {"lung_floor": 1.0 if a.anywhere else a.lung_floor, "lung_keep": a.lung_keep}
+    if a.detector_steps:
+        placement["detector_steps"] = a.detector_steps
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for run in a.runs:
         name = Path(run).name + (f"-{a.tag}" if a.tag else "")
         model, _, doc = load_run(run)
-        cfg = replace(model.cfg, score_terms="auto", lesion_kinds=kinds)
+        device = pick_device(model.cfg.device)
+        model.to(device)
+        cfg = replace(model.cfg, score_terms="auto", lesion_kinds=kinds, **placement)
         prov = DataProvenance.from_doc(doc, run)
         ds = load_dataset(prov.spec, cfg.image_size, prov.split_seed, splits=("train", "val"))
         train, val = ds["train"], ds["val"]
@@ -106,12 +109,12 @@ def main() -> None:
             readings = [(s, {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(f"{s}/")}) for s in steps]
         else:
             seed_everything(cfg.seed)
-            det = build_scoring_model(cfg).det  # the initial weights `train` draws for S
+            det = build_scoring_model(cfg).det.to(device)  # the initial weights `train` draws for S
             readings = []
             keep = readings.append
             fit_detector(det, cfg, normals, val, progress=False,
                          on_reading=lambda step, ema, keep=keep: keep((step, copy.deepcopy(ema.state_dict()))))
-            save_file({f"{s}/{k}": v.contiguous() for s, st in readings for k, v in st.items()}, str(saved))
+            save_file({f"{s}/{k}": v.contiguous().cpu() for s, st in readings for k, v in st.items()}, str(saved))
         y = val.labels
         ha, hb = halves(y)
         det = copy.deepcopy(model.det)

@@ -41,7 +41,7 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     pick = rng.choice(len(train), a.n, replace=False)
     x = torch.from_numpy(train.images[pick]).float().div(255).unsqueeze(1)
-    lungs = torch.from_numpy(lung_masks(train.images[pick], None)).unsqueeze(1)
+    lungs = torch.from_numpy(lung_masks(train.images[pick], None, keep=model.cfg.lung_keep, floor=model.cfg.lung_floor)).unsqueeze(1)
     synth, mask, _ = Lesions(gen=torch.Generator().manual_seed(a.seed), p_abnormal=1.0)(x, lungs)
     synth_u8 = (synth[:, 0].numpy() * 255).round().astype(np.uint8)
     abn = val.images[val.labels == 1]

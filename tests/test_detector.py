@@ -130,3 +130,26 @@ def test_lesion_kinds_choose_what_s_is_taught(monkeypatch):
         fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=2, detector_batch=4, lesion_kinds=kinds),
                      normals, None, progress=False)
     assert drawn == [list(synthetic.KINDS), ["nodule", "blur"]]
+
+
+def test_lesion_placement_is_config(monkeypatch):
+    """fit_detector draws lesions in the masks that config lung_keep / lung_floor describe; detect's are not paper's."""
+    from cxr_oneclass.data import synthetic
+    from cxr_oneclass.training import detector as training
+
+    detect, best = resolve("detect"), resolve("best")
+    assert (detect.lung_floor, detect.lung_keep) == (0.25, 1.0) and (best.lung_floor, best.lung_keep) == (0.0, 0.7)
+    for bad in ({"lung_floor": 1.5}, {"lung_floor": -0.1}, {"lung_keep": 0.0}):
+        with pytest.raises(ConfigError, match="lung-floor"):
+            resolve("detect", **bad)
+    asked = []
+
+    def spy(images, **kw):
+        asked.append(kw)
+        return synthetic.lung_masks(images, **kw)
+
+    monkeypatch.setattr(training, "lung_masks", spy)
+    normals = (phantom.render(8, size=32, seed=1)[0] * 255).astype(np.uint8)
+    fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=2, detector_batch=4, lung_floor=0.5, lung_keep=0.9),
+                 normals, None, progress=False)
+    assert asked == [{"keep": 0.9, "floor": 0.5}]

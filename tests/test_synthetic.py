@@ -76,3 +76,23 @@ def test_jitter_moves_film_and_lungs_together(films):
     assert xj.shape == x.shape and lj.shape == lungs.shape and not torch.equal(xj, x)
     # After the move the lungs are still the darker part of each film.
     assert (xj * (lj > 0.5)).sum() / (lj > 0.5).sum() < xj.mean()
+
+
+def test_lung_keep_and_floor_choose_where_lesions_land(films):
+    """Config lung_keep (the share of each lung region that counts as lung) and lung_floor (the mask's minimum)."""
+    h, w = films.shape[1:]
+    dark, whole = lung_masks(films), lung_masks(films, keep=1.0)
+    assert whole.mean() > dark.mean()
+    # keep=1 also takes the brighter (opaque) part of the lung region that the default leaves out.
+    assert films[whole > 0.5].mean() > films[dark > 0.5].mean()
+    floored = lung_masks(films, keep=1.0, floor=0.25)
+    assert floored.min() == pytest.approx(0.25) and dark.min() < 0.01
+    assert np.array_equal(np.maximum(whole, np.float32(0.25)), floored)
+
+    def outside_share(masks: np.ndarray) -> float:  # share of nodule pixels away from the default lungs
+        x, lungs = torch.from_numpy(films).float().div(255).unsqueeze(1), torch.from_numpy(masks).unsqueeze(1)
+        _, mask, _ = Lesions(mix={"nodule": 1.0}, gen=torch.Generator().manual_seed(4), p_abnormal=1.0)(x, lungs)
+        near = torch.nn.functional.max_pool2d(torch.from_numpy(dark).unsqueeze(1), 9, 1, 4) > 0.05
+        return float((mask * ~near).sum() / mask.sum())
+
+    assert outside_share(dark) < 0.1 < outside_share(lung_masks(films, floor=0.25))

@@ -57,6 +57,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lesion-p", type=float, help="share of the detector's training films that get synthetic lesions")
     g.add_argument("--lesion-kinds", help="'+'-joined synthetic lesions S is taught (opacity, diffuse, nodule, effusion, "
                    "pneumothorax, patch, blur), or all")
+    g.add_argument("--lung-floor", type=float, help="each film's lung mask raised to at least this: a share of the synthetic "
+                   "lesions lands outside the lungs (0: lungs only, 1: anywhere on the film)")
+    g.add_argument("--lung-keep", type=float, help="share of each film's lung region (the darker part) that counts as lung "
+                   "for the synthetic lesions (1: all of it, opaque parts too)")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
@@ -64,7 +68,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
-                "detector_width", "detector_steps", "lesion_p", "lesion_kinds")
+                "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -63,21 +63,22 @@ def population_lung_mask(images: np.ndarray, lung_share: float = 0.5) -> np.ndar
     return mask.astype(np.float32)
 
 
-def lung_masks(images: np.ndarray, population: np.ndarray | None = None) -> np.ndarray:
+def lung_masks(images: np.ndarray, population: np.ndarray | None = None, keep: float = 0.7, floor: float = 0.0) -> np.ndarray:
     """Per-film lung masks (float32 (N, H, W) in [0, 1]): inside the population mask grown by ~6% of the size, the
-    darker 70% of each film's own smoothed pixels, opened and softened."""
+    darker `keep` of each film's own smoothed pixels, opened and softened, then raised to at least `floor`
+    everywhere (lesion centres are drawn in proportion to the mask, so `floor` > 0 puts a share of them outside)."""
     n, h, w = images.shape
     pop = population_lung_mask(images) if population is None else population
     grown = ndimage.binary_dilation(pop > 0.5, iterations=max(1, h // 16)) & _lung_prior(h, w)
     out = np.empty((n, h, w), np.float32)
     for i in range(n):
         s = ndimage.gaussian_filter(images[i].astype(np.float32), sigma=h / 40)
-        own = grown & (s <= np.quantile(s[grown], 0.7))
+        own = grown & (s <= np.quantile(s[grown], keep))
         own = ndimage.binary_opening(own, iterations=max(1, h // 32))
         if own.sum() < 0.25 * pop.sum():  # a film the rule cannot read: fall back to the average lungs
             own = pop > 0.5
         out[i] = ndimage.gaussian_filter(own.astype(np.float32), sigma=h / 64)
-    return out
+    return np.maximum(out, np.float32(floor)) if floor > 0 else out
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -70,9 +70,9 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     weights at each reading (analysis: research/detector_readings.py)."""
     gen = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
     torch.manual_seed(cfg.seed + SEED_OFFSET)
-    lungs = torch.from_numpy(lung_masks(train_normals)).unsqueeze(1)  # (N, 1, H, W) soft masks
+    lungs = torch.from_numpy(lung_masks(train_normals, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)  # (N, 1, H, W) soft
     films = torch.from_numpy(np.ascontiguousarray(train_normals)).float().div(255).unsqueeze(1)
-    lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p, **({"mix": lesion_mix(cfg.lesion_kinds)} if cfg.lesion_kinds != "all" else {}))
+    lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p, mix=lesion_mix(cfg.lesion_kinds))
     device = next(det.parameters()).device
     # channels-last: 1.2x faster steps on CPU (its convolutions are mostly 3x3 at 16-256 channels; benchmarks/peers.py)
     det.to(memory_format=torch.channels_last).train()
