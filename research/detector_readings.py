@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cxr_oneclass.config import Config
 from cxr_oneclass.data import synthetic
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.metrics import auc
@@ -72,11 +73,13 @@ def main() -> None:
     ap.add_argument("--write-runs", default="", help="comma-separated strategies to write as runs: OUT/<run>-<strategy>")
     ap.add_argument("--mix", default="", help="kind=weight,... : the lesion kinds drawn (default data/synthetic.DEFAULT_MIX)")
     ap.add_argument("--anywhere", action="store_true", help="lesions anywhere on the film, not only in the lung fields")
-    ap.add_argument("--lung-floor", type=float, default=0.0, help="config lung_floor: lung masks raised to at least this "
+    ap.add_argument("--lung-floor", type=float, help="config lung_floor (default: the run's): lung masks raised to at least this "
                     "everywhere, a share of the lesions lands outside the lungs (0.25: about half of them on both shared sets at 64 px)")
-    ap.add_argument("--lung-keep", type=float, default=0.7, help="config lung_keep: the darker share of each film's lung "
+    ap.add_argument("--lung-keep", type=float, help="config lung_keep (default: the run's): the darker share of each film's lung "
                     "region that counts as lung (1: all of it, opaque lung too)")
     ap.add_argument("--detector-steps", type=int, default=0, help="S's training steps (default: the run's)")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE: another config value of S (e.g. "
+                    "detector_width=32, lesion_p=0.7, detector_ema=0.995); repeatable")
     ap.add_argument("--tag", default="", help="suffix of this ablation's output names")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="which to evaluate (and may write)")
     a = ap.parse_args()
@@ -87,9 +90,11 @@ def main() -> None:
             kinds = "+".join(k for k in synthetic.KINDS if k in mix)
         else:
             detector.lesion_mix = lambda kinds: mix
-    placement = {"lung_floor": 1.0 if a.anywhere else a.lung_floor, "lung_keep": a.lung_keep}
-    if a.detector_steps:
-        placement["detector_steps"] = a.detector_steps
+    placement = {k: v for k, v in (("lung_floor", 1.0 if a.anywhere else a.lung_floor), ("lung_keep", a.lung_keep),
+                                   ("detector_steps", a.detector_steps or None)) if v is not None}
+    for kv in a.set:  # any other config value of S's training, e.g. detector_width=32
+        key, value = kv.split("=", 1)
+        placement[key] = type(getattr(Config(), key))(value)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for run in a.runs:
@@ -117,7 +122,7 @@ def main() -> None:
             save_file({f"{s}/{k}": v.contiguous().cpu() for s, st in readings for k, v in st.items()}, str(saved))
         y = val.labels
         ha, hb = halves(y)
-        det = copy.deepcopy(model.det)
+        det = build_scoring_model(cfg).det.to(device)  # S's shape under cfg (detector_width may differ from the run's)
         seg = []
         for _, st in readings:
             det.load_state_dict(st)
@@ -136,6 +141,7 @@ def main() -> None:
         for sname, st in strategies.items():
             m = copy.deepcopy(model)
             m.cfg = cfg
+            m.det = copy.deepcopy(det)
             m.det.load_state_dict(st)
             s = lesion_score(m.det, val.images)
             fitted = fit_score_and_calibration(m, train, val)

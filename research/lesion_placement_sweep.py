@@ -11,7 +11,11 @@ One command for a lent GPU machine (16 cores, one GPU; the same script runs on a
 
 Everything lands in WORK; a summary (sweep.json, test.json) and a tar of the small files in OUT.
 
-    python research/lesion_placement_sweep.py --data-root .gpu/data --work /tmp/w --out $OUT --jobs 15
+    python research/lesion_placement_sweep.py --data-root .gpu/data --work /tmp/w --out $OUT --jobs 15   # sweep 1
+    python research/lesion_placement_sweep.py ... --variants f25k100,f25k100w32,f25k100p70,f25k100nopatch,f25k100ema995 \
+        --reference f25k100 --no-test --figures                                                               # sweep 2
+
+Sweep 1 ran when `train`'s default placed lesions as f0 does; since then the base runs place them as f25k100.
 """
 
 from __future__ import annotations
@@ -30,15 +34,25 @@ import numpy as np
 
 SETS = ("nih-pneumonia-128", "kermany-pediatric-128")
 SEEDS = (0, 1, 2)
-VARIANTS = {  # tag: detector_readings.py flags; f0 is today's placement retrained by the same script (the reference)
-    "f0": [],
-    "f10": ["--lung-floor", "0.1"],
-    "f25": ["--lung-floor", "0.25"],
-    "f50": ["--lung-floor", "0.5"],
-    "k100": ["--lung-keep", "1.0"],
-    "f25k100": ["--lung-floor", "0.25", "--lung-keep", "1.0"],
-    "f25s2k": ["--lung-floor", "0.25", "--detector-steps", "2000"],
+K70 = ["--lung-keep", "0.7"]
+NEW = ["--lung-floor", "0.25", "--lung-keep", "1.0"]  # the detect preset's placement since session 9
+VARIANTS = {  # tag: detector_readings.py flags (explicit: its defaults are the base run's own config)
+    # Session 9, sweep 1 (base runs then placed lesions as f0 does): today's placement retrained by the same script
+    # (the reference), then the candidates.
+    "f0": ["--lung-floor", "0"] + K70,
+    "f10": ["--lung-floor", "0.1"] + K70,
+    "f25": ["--lung-floor", "0.25"] + K70,
+    "f50": ["--lung-floor", "0.5"] + K70,
+    "k100": ["--lung-floor", "0", "--lung-keep", "1.0"],
+    "f25k100": NEW,
+    "f25s2k": ["--lung-floor", "0.25", "--detector-steps", "2000"] + K70,
+    # Sweep 2, validation only, on the new placement (reference f25k100): S's width, lesion share, kinds, averaging.
+    "f25k100w32": NEW + ["--set", "detector_width=32"],
+    "f25k100p70": NEW + ["--set", "lesion_p=0.7"],
+    "f25k100nopatch": NEW + ["--mix", "opacity=3,diffuse=2,nodule=1,effusion=1,pneumothorax=0.5,blur=0.5"],
+    "f25k100ema995": NEW + ["--set", "detector_ema=0.995"],
 }
+SWEEP1 = "f0,f10,f25,f50,k100,f25k100,f25s2k"
 TOLERANCE = 0.005  # a set's mean validation AUC may fall this much (about half a seed's spread) and still count as held
 HERE = Path(__file__).resolve().parent
 
@@ -69,7 +83,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--budget", type=float, default=540, help="seconds: nothing starts after this")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=SWEEP1)
+    ap.add_argument("--reference", default="f0", help="the variant the others are compared with (its twin)")
+    ap.add_argument("--no-test", action="store_true", help="validation only: no choice is acted on, test is not read")
+    ap.add_argument("--figures", action="store_true", help="README figures of the seed-0 base runs (validation films)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: a few steps of everything, one set, one seed")
     a = ap.parse_args()
     t0 = time.time()
@@ -99,7 +116,7 @@ def main() -> None:
                 for s in sets for seed in seeds]
         [j.result() for j in jobs]
         t_base = time.time() - t0
-        tasks = [(tag, base(s, seed)) for tag in sorted(variants, key=lambda t: "s2k" not in t) for s in sets for seed in seeds
+        tasks = [(tag, base(s, seed)) for tag in sorted(variants, key=lambda t: "s2k" not in t and "w32" not in t) for s in sets for seed in seeds
                  if (base(s, seed) / "config.json").exists()]  # the long variants first
         jobs = [pool.submit(run, py + [str(HERE / "detector_readings.py"), str(b), "--out", str(work / "r"), "--tag", tag,
                                        "--strategies", "pick", "--write-runs", "pick"] + variants[tag],
@@ -116,7 +133,7 @@ def main() -> None:
             row[s] = {"val_auc": v, "mean": float(np.mean(v)) if None not in v else None,
                       "std": float(np.std(v)) if None not in v else None}
         table[tag] = row
-    ref = "f0" if "f0" in variants else "base"
+    ref = a.reference if a.reference in variants else "base"
     b = table[ref]
     chosen, best_gain = ref, 0.0
     for tag in variants:
@@ -131,6 +148,14 @@ def main() -> None:
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
     print(json.dumps({"chosen": chosen, **{t: {s: r[s]["mean"] for s in sets} for t, r in table.items()}}, indent=1), flush=True)
 
+    if a.figures:
+        for s in sets:
+            run(py + [str(HERE / "figure_lesions.py"), str(base(s, 0)), "--out", str(out / f"synthetic_vs_real_{s.split('-')[0]}.png")],
+                work / "logs" / f"figure-{s}.log", t0 + a.budget + 60)
+    if a.no_test:
+        pack(work, out)
+        print("seconds", round(time.time() - t0), flush=True)
+        return
     # Test: read once, after the choice above, for the chosen runs and the base runs (paired, same machine).
     test = {}
     names = ["base"] + ([chosen] if chosen not in ("base", ref) else [])
@@ -146,11 +171,16 @@ def main() -> None:
         for tag, s, seed, m in pool.map(lambda t: one(*t), evals):
             test.setdefault(tag, {}).setdefault(s, {})[str(seed)] = m
     (out / "test.json").write_text(json.dumps(test, indent=1))
+    pack(work, out)
+    print("seconds", round(time.time() - t0), flush=True)
+
+
+def pack(work: Path, out: Path) -> None:
+    """The small files of WORK (configs, logs, metrics, scores) in one tar: the device returns few files."""
     with tarfile.open(out / "small.tar.gz", "w:gz") as tar:
         for p in sorted(work.rglob("*")):
             if p.is_file() and p.suffix in (".json", ".log", ".csv", ".md") and p.stat().st_size < 2_000_000:
                 tar.add(p, arcname=str(p.relative_to(work)))
-    print("seconds", round(time.time() - t0), flush=True)
 
 
 if __name__ == "__main__":
