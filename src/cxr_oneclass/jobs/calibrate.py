@@ -16,8 +16,8 @@ from ..reporting.model_card import write_model_card
 from ..runs import CONFIG_FILE, ENSEMBLE_FILE, load_run, run_dataset
 from ..scoring.calibration import fit_calibration
 from ..scoring.ensemble import is_ensemble, load_ensemble
-from ..scoring.inference import score_images
 from .ensemble import write_ensemble_card
+from .evaluate import score_set
 
 
 def calibrate_run(run_dir: str | Path, data: str | Dataset | None = None, split: str = "val",
@@ -30,17 +30,18 @@ def calibrate_run(run_dir: str | Path, data: str | Dataset | None = None, split:
     run_dir = Path(run_dir)
     ens = load_ensemble(run_dir) if is_ensemble(run_dir) else None
     if ens is not None:  # K runs scored as one: the ensemble's own calibration moves, its members' stay
-        old, doc, cfg = ens.calibration, ens.doc, ens.models[0].cfg
-        ds = run_dataset(run_dir / ens.doc["members"][0]["path"], ens.docs[0], cfg.image_size, (split,), data)
+        model, old, doc, data_dir = ens, ens.calibration, ens.doc, ens.data_dir
+        data_doc = ens.docs[0]
     else:
         model, old, doc = load_run(run_dir)
-        cfg = model.cfg
-        ds = run_dataset(run_dir, doc, cfg.image_size, (split,), data)
+        data_dir, data_doc = run_dir, doc
+    cfg = model.cfg
+    ds = run_dataset(data_dir, data_doc, cfg.image_size, (split,), data)
     images = ds[split]
     if threshold is None and not images.n_abnormal:
         raise DataError(f"{split} split of {ds.spec!r} has no abnormal images: a sensitivity cannot be set on it "
                         "(give --threshold, or labelled abnormal films)")
-    raw = (ens.score(images.images, cfg.batch_size) if ens is not None else score_images(model, images.images, cfg.batch_size))["score"]
+    raw = score_set(model, None, images, cfg.batch_size, progress=False)["score"]
     target = target_sensitivity if target_sensitivity is not None else cfg.target_sensitivity
     new = fit_calibration(raw, images.labels, target, threshold, scale=old)
     before = operating_point(images.labels, old.normalise(raw), old.threshold) if old else None
@@ -53,7 +54,8 @@ def calibrate_run(run_dir: str | Path, data: str | Dataset | None = None, split:
     written = run_dir / (ENSEMBLE_FILE if ens is not None else CONFIG_FILE)
     write_json(written, doc)  # one atomic write; the weights (and their checksum) are unchanged
     if ens is not None:
-        write_ensemble_card(run_dir)
+        ens.calibration = new
+        write_ensemble_card(ens)
     else:
         write_model_card(run_dir)
     return {"before": before, "after": after, "calibration": new.to_dict(), "split": split, "data": ds.spec, "wrote": str(written)}

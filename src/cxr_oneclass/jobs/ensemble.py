@@ -32,7 +32,7 @@ from ..runs import (
     staged,
 )
 from ..scoring.calibration import fit_calibration
-from ..scoring.ensemble import ENSEMBLE_FILE, FORMAT, MEMBERS_DIR, load_ensemble, standardisation
+from ..scoring.ensemble import ENSEMBLE_FILE, FORMAT, MEMBERS_DIR, Ensemble, load_ensemble, standardisation
 from .train import resume_run, train_run
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,12 @@ def ensemble_card(doc: dict, labels: np.ndarray, normalised: np.ndarray, thresho
     return "\n".join(lines)
 
 
-def write_ensemble_card(ens_dir: str | Path) -> None:
+def write_ensemble_card(ens: Ensemble) -> None:
     """(Re)write ENS/MODEL_CARD.md from its validation split, e.g. after `calibrate` moved the threshold."""
-    ens = load_ensemble(ens_dir)
-    val = _shared_split([Path(ens_dir) / ens.doc["members"][0]["path"]])["val"]
-    score = ens.score(val.images, ens.models[0].cfg.batch_size)["score"]
+    val = run_dataset(ens.data_dir, ens.docs[0], ens.image_size, ("val",))["val"]
+    score = ens.score(val.images, ens.cfg.batch_size)["score"]
     cal = ens.calibration
-    write_text(Path(ens_dir) / MODEL_CARD, ensemble_card(ens.doc, val.labels, cal.normalise(score), cal.threshold))
+    write_text(ens.path / MODEL_CARD, ensemble_card(ens.doc, val.labels, cal.normalise(score), cal.threshold))
 
 
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, progress: bool = True) -> dict:
@@ -132,7 +131,7 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, progress: bool =
             m["val_auc"] = auc(val.labels, o["score"]) if val.n_abnormal else None
         ens.center, ens.scale = center, scale
         score = ens.combine(outs)["score"]
-        target = ens.models[0].cfg.target_sensitivity
+        target = ens.cfg.target_sensitivity
         cal = fit_calibration(score, val.labels, target)
         doc.update(calibration=cal.to_dict(), val_auc=auc(val.labels, score) if val.n_abnormal else None)
         write_text(part / MODEL_CARD, ensemble_card(doc, val.labels, cal.normalise(score), cal.threshold))

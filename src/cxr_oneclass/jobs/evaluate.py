@@ -13,15 +13,20 @@ from ..metrics import compute_metrics
 from ..model.networks import OneClassGAN
 from ..runs import METRICS_FILE, SCORES_FILE, check_writable, eval_dir, load_run, run_dataset, staged
 from ..scoring.calibration import Calibration
-from ..scoring.ensemble import is_ensemble, load_ensemble
+from ..scoring.ensemble import Ensemble, is_ensemble, load_ensemble
 from ..scoring.inference import model_components, score_images
 from ..scoring.population import BatchCheck, Population
 
 
-def score_set(model: OneClassGAN, calibration: Calibration | None, images: ImageSet, batch_size: int = 64, keep_maps: bool = False,
-              progress: bool = True) -> dict[str, np.ndarray]:
-    """Every term, the raw score and the normalised score (`normalised`) of an image set."""
-    scored = score_images(model, images.images, batch_size, keep_maps=keep_maps, progress=progress and len(images) > 500)
+def score_set(model: OneClassGAN | Ensemble, calibration: Calibration | None, images: ImageSet, batch_size: int = 64,
+              keep_maps: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
+    """Every term, the raw score and the normalised score (`normalised`) of an image set, by a run's model or an
+    ensemble."""
+    show = progress and len(images) > 500
+    if isinstance(model, Ensemble):
+        scored = model.score(images.images, batch_size, keep_maps=keep_maps, progress=show)
+    else:
+        scored = score_images(model, images.images, batch_size, keep_maps=keep_maps, progress=show)
     scored["normalised"] = calibration.normalise(scored["score"]) if calibration else scored["score"]
     return scored
 
@@ -33,25 +38,17 @@ def evaluate_run(run_dir: str | Path, data: str | Dataset | None = None, split: 
     Without `data`, the split comes from the data and split seed the run recorded, so it is exactly the split the
     run was trained beside. `prevalence` adds PPV and NPV at that prevalence of abnormal films."""
     if is_ensemble(run_dir):  # K runs scored as one (scoring/ensemble.py); its data is its first member's
-        ens = load_ensemble(run_dir)
-        calibration, components, image_size = ens.calibration, ens.components, ens.image_size
-        doc, data_dir = {**ens.docs[0], "population": ens.population}, Path(run_dir) / ens.doc["members"][0]["path"]
-
-        def score(images: ImageSet) -> dict[str, np.ndarray]:
-            out = ens.score(images.images, ens.models[0].cfg.batch_size, progress=progress and len(images) > 500)
-            out["normalised"] = calibration.normalise(out["score"]) if calibration else out["score"]
-            return out
+        model = load_ensemble(run_dir)
+        calibration, components, data_dir = model.calibration, model.components, model.data_dir
+        doc = {**model.docs[0], "population": model.population}
     else:
         model, calibration, doc = load_run(run_dir)
-        components, image_size, data_dir = model_components(model), model.cfg.image_size, Path(run_dir)
-
-        def score(images: ImageSet) -> dict[str, np.ndarray]:
-            return score_set(model, calibration, images, model.cfg.batch_size, progress=progress)
+        components, data_dir = model_components(model), Path(run_dir)
     out = Path(out_dir) if out_dir is not None else eval_dir(run_dir, split)
     check_writable(out)  # before the work, not after it
-    ds = run_dataset(data_dir, doc, image_size, (split,), data)
+    ds = run_dataset(data_dir, doc, model.cfg.image_size, (split,), data)
     images = ds[split]
-    scored = score(images)
+    scored = score_set(model, calibration, images, model.cfg.batch_size, progress=progress)
     metrics = compute_metrics(images.labels, scored, scored["normalised"], calibration.threshold if calibration else None, prevalence)
     if doc.get("population"):  # does this split look like the training population? (it should, for a test split)
         check = BatchCheck(Population.from_dict(doc["population"]))

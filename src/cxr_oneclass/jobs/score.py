@@ -215,14 +215,12 @@ class Scorer:
 
     def model_info(self) -> ModelInfo:
         """What DICOM results say about the model: name, version, a UID from the weights' checksum, operating point."""
+        preset = f"score {'+'.join(self.score_terms)}"
         if self._ensemble is not None:
-            digest = self._ensemble.digest
+            digest, preset = self._ensemble.digest, f"ensemble of {len(self._ensemble.models)}, {preset}"
         else:
             digest = self.doc.get("weights_sha256") or file_sha256(self.source if self.source.is_file() else self.source / MODEL_FILE)
         cal = self.calibration
-        preset = f"score {'+'.join(self.score_terms)}"
-        if self._ensemble is not None:
-            preset = f"ensemble of {len(self._ensemble.models)}, {preset}"
         return ModelInfo(name=f"cxr-oneclass ({preset})", version=str(self.doc.get("version") or __version__), uid=model_uid(digest),
                          operating_point=(f"threshold {cal.threshold:.4f}: {cal.rule}" if cal else "none"),
                          threshold=float(cal.threshold) if cal else 0.0)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import Config
 from ..errors import RunError
 from ..model.networks import OneClassGAN
 from ..runs import ENSEMBLE_FILE, load_run
@@ -45,8 +46,18 @@ class Ensemble:
     doc: dict[str, Any]  # ensemble.json
 
     @property
+    def cfg(self) -> Config:
+        """The first member's config: image size, batch size and target sensitivity are the ensemble's."""
+        return self.models[0].cfg
+
+    @property
     def image_size(self) -> int:
-        return self.models[0].cfg.image_size
+        return self.cfg.image_size
+
+    @property
+    def data_dir(self) -> Path:
+        """The first member's folder: its config.json records the data and split every member shares."""
+        return self.path / self.doc["members"][0]["path"]
 
     @property
     def components(self) -> list[str]:
