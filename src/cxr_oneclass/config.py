@@ -47,7 +47,7 @@ class Config:
     score_norm: str = "weights"
     fdist_features: str = "u"  # features of fdist: u (U's encoder, pooled), z (U's latent), ez (E's latent of x')
     # --- lesion detector S (issue 14): a segmentation U-Net trained after the GAN to find synthetic lesions drawn
-    # into the lung fields of the training normals (data/synthetic.py); score term seg. Width 0: no detector.
+    # onto the training normals, mostly in their lung fields (data/synthetic.py); score term seg. Width 0: no detector.
     detector_width: int = 0
     detector_steps: int = 1000
     detector_batch: int = 32

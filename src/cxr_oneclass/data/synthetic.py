@@ -1,9 +1,11 @@
-"""Synthetic abnormalities rendered onto real normal films, inside the lung fields, for training a detector.
+"""Synthetic abnormalities rendered onto real normal films, mostly inside the lung fields, for training a detector.
 
 Two parts:
 - `lung_masks`: a coarse lung-field mask per training film, computed from the normal films themselves (no downloaded
   model): the lungs are the two large dark regions of the average film; each film's own mask is the darker part of
-  that region on the film (so a film placed off-centre gets its own lungs), smoothed.
+  that region on the film (so a film placed off-centre gets its own lungs), smoothed. Config `lung_keep` is the share
+  of that region kept (1: all of it, opaque lung too); `lung_floor` raises the mask everywhere, so that a share of
+  the lesions lands outside the lungs (the `detect` preset: 1 and 0.25, issue 14, session 9).
 - `Lesions`: a batched renderer (torch, on the training device) of the lesion models a radiologist would name,
   following the phantoms' models (`data/phantom.py`) but drawn on real anatomy: consolidation and diffuse opacity
   (brightening towards soft tissue with a mottled texture), nodules, pleural effusion (a basal opacity with a

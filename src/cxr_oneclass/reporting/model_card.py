@@ -69,7 +69,9 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
         f"- score: `{cfg.score_terms}` ({cfg.score_norm})" + (f", chosen on validation from `{doc['score_selection']['requested']}`"
                                                               if doc.get("score_selection") else ""),
         *([f"- lesion detector S: width {cfg.detector_width}, {cfg.detector_steps} steps on synthetic lesions drawn "
-           f"into the lung fields of {int(cfg.lesion_p * 100)}% of the training normals (never on real abnormal films)"]
+           f"onto {int(cfg.lesion_p * 100)}% of the training normals, in the lung fields"
+           + (f" and, fainter, outside them (lung floor {cfg.lung_floor:g})" if cfg.lung_floor > 0 else "")
+           + " (never on real abnormal films)"]
           if cfg.uses_s else []),
         f"- weights sha256 `{doc.get('weights_sha256', 'not recorded')}`",
         "",

@@ -221,8 +221,8 @@ TERMS: tuple[Term, ...] = (
     Term("ssim", "1 - mean SSIM(x, x'), 7x7 windows: structure U fails to reproduce", _ssim, auto=True),
     Term("fdist", "squared Mahalanobis distance / dim of a feature vector (fdist-features) from the training normals'",
          _fdist, auto=True, fitted=Fitted(_fdist_buffers, feature_vector, _fdist_fit)),
-    Term("seg", "mean lesion probability that the detector S, trained on synthetic lesions in the lung fields of "
-         "normal films, gives the film's pixels", _seg, needs="S", auto=True, heatmap=_seg_heatmap,
+    Term("seg", "mean lesion probability that the detector S, trained on synthetic lesions drawn (mostly in the lung "
+         "fields) onto normal films, gives the film's pixels", _seg, needs="S", auto=True, heatmap=_seg_heatmap,
          display=("lesion probability", 1.0)),
     Term("sdist", "the same distance for U's first map on an 8x8 grid, 4 principal channels: keeps where a lesion is",
          _sdist, auto=True, fitted=Fitted(_sdist_buffers, _sdist_features, _sdist_fit),
