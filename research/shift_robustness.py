@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,9 @@ from PIL import Image
 from scipy import ndimage
 
 from cxr_oneclass.data.specs import load_dataset
-from cxr_oneclass.metrics import auc
 from cxr_oneclass.runs import DataProvenance, load_run
 from cxr_oneclass.scoring.inference import model_components, score_images
+from cxr_oneclass.scoring.selection import select_score_terms
 from cxr_oneclass.scoring.terms import AUTO_TERMS, TERM_INDEX
 
 
@@ -85,12 +84,9 @@ def main() -> None:
         per_shift = {}
         for name, fn in SHIFTS.items():
             comps = score_images(model, fn(val.images), model.cfg.batch_size)
+            _, table = select_score_terms(comps, y, stats)  # every auto candidate's AUC, as `auto` standardises them
+            row = {c: round(v, 4) for c, v in table.items()}
             z = {k: (comps[k] - float(stats.center[TERM_INDEX[k]])) / float(stats.scale[TERM_INDEX[k]]) for k in terms}
-            row = {}
-            for r in range(1, len(z) + 1):
-                for combo in combinations(terms, r):
-                    s = sum(z[k] for k in combo)
-                    row["+".join(combo)] = round(auc(y, s), 4)
             # how far the normals move in the standardised units the threshold lives in (0: not at all)
             row["normals_median_shift"] = {k: round(float(np.median(z[k][y == 0])), 3) for k in terms}
             per_shift[name] = row

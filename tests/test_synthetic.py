@@ -80,7 +80,6 @@ def test_jitter_moves_film_and_lungs_together(films):
 
 def test_lung_keep_and_floor_choose_where_lesions_land(films):
     """Config lung_keep (the share of each lung region that counts as lung) and lung_floor (the mask's minimum)."""
-    h, w = films.shape[1:]
     dark, whole = lung_masks(films), lung_masks(films, keep=1.0)
     assert whole.mean() > dark.mean()
     # keep=1 also takes the brighter (opaque) part of the lung region that the default leaves out.

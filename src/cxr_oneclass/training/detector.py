@@ -1,10 +1,11 @@
 """Training S, the lesion detector (model/detector.py), on normal films with synthetic lesions (issue 14).
 
 A second stage after the GAN: each step draws a batch of training normals, moves them as films move (shift, zoom,
-small rotation, exposure), draws synthetic lesions into their lung fields, a share outside them with config lung_floor (data/synthetic.py) and teaches S the
-lesion mask with a focal loss. An exponential moving average of the weights is what scores (self-supervised
-detectors swing from step to step; the average swings less). With a labelled validation split, the average is read
-every `detector_steps // 8` steps and the best reading is kept (selection on validation, never on test).
+small rotation, exposure), draws synthetic lesions into their lung fields (a share outside them with config
+lung_floor; data/synthetic.py) and teaches S the lesion mask with a focal loss. An exponential moving average of
+the weights is what scores (self-supervised detectors swing from step to step; the average swings less). With a
+labelled validation split, the average is read every `detector_steps // 8` steps and the best reading is kept
+(selection on validation, never on test).
 """
 
 from __future__ import annotations
