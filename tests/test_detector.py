@@ -153,3 +153,26 @@ def test_lesion_placement_is_config(monkeypatch):
     fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=2, detector_batch=4, lung_floor=0.5, lung_keep=0.9),
                  normals, None, progress=False)
     assert asked == [{"keep": 0.9, "floor": 0.5}]
+
+
+def test_acquisition_p_reaches_the_detector_training(monkeypatch):
+    """Config acquisition_p re-images S's training films after their lesions (data/synthetic.reacquire); 0, the value
+    of every preset so far, never touches them."""
+    from cxr_oneclass.data import synthetic
+    from cxr_oneclass.training import detector as training
+
+    assert resolve("paper").acquisition_p == 0.0 and resolve("best").acquisition_p == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="acquisition-p"):
+            resolve("detect", acquisition_p=bad)
+    seen = []
+
+    def spy(x, gen, p):
+        seen.append((tuple(x.shape), p))
+        return synthetic.reacquire(x, gen, p)
+
+    monkeypatch.setattr(training, "reacquire", spy)
+    normals = (phantom.render(8, size=32, seed=1)[0] * 255).astype(np.uint8)
+    fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=3, detector_batch=4, acquisition_p=0.5),
+                 normals, None, progress=False)
+    assert seen == [((4, 1, 32, 32), 0.5)] * 3

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cxr_oneclass.data import phantom
-from cxr_oneclass.data.synthetic import KINDS, MASK_TAU, Lesions, jitter, lung_masks, population_lung_mask
+from cxr_oneclass.data.synthetic import KINDS, MASK_TAU, Lesions, jitter, lung_masks, population_lung_mask, reacquire
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,28 @@ def test_lung_keep_and_floor_choose_where_lesions_land(films):
         return float((mask * ~near).sum() / mask.sum())
 
     assert outside_share(dark) < 0.1 < outside_share(lung_masks(films, floor=0.25))
+
+
+def _sharpness(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring pixels, per film: falls with blur, rises with noise or sharpening."""
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1).mean(1)
+
+
+def test_reacquire_images_films_again_and_only_when_asked(films):
+    """Config acquisition_p: a share of S's training films imaged again (blur, sharpening, resolution, noise)."""
+    x, _ = _batch(films)
+    gen = torch.Generator().manual_seed(5)
+    before = gen.get_state()
+    assert reacquire(x, gen, 0.0) is x and torch.equal(gen.get_state(), before)  # p 0: a seeded run draws as before
+    y = reacquire(x, gen, 1.0)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    changed = (y - x).abs().flatten(1).amax(1) > 1e-3
+    assert bool(changed.all())  # p 1: every film
+    # Each film's grey levels stay where they were on average (a new chain, not a new exposure)...
+    assert float((y.mean((1, 2, 3)) - x.mean((1, 2, 3))).abs().max()) < 0.02
+    # ...but its texture changes both ways across the batch: some films smoother, others sharper or noisier.
+    ratio = _sharpness(y) / _sharpness(x)
+    assert float(ratio.min()) < 0.9 and float(ratio.max()) > 1.1
+    assert torch.equal(reacquire(x, torch.Generator().manual_seed(5), 1.0), y)  # seeded: repeatable
+    share = (reacquire(x, torch.Generator().manual_seed(6), 0.5) != x).flatten(1).any(1).float().mean()
+    assert 0.2 < float(share) < 0.8

@@ -61,6 +61,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    "lesions lands outside the lungs (0: lungs only, 1: anywhere on the film)")
     g.add_argument("--lung-keep", type=float, help="share of each film's lung region (the darker part) that counts as lung "
                    "for the synthetic lesions (1: all of it, opaque parts too)")
+    g.add_argument("--acquisition-p", type=float, help="share of the detector's training films imaged again after their "
+                   "lesions are drawn (blur, sharpening, lower resolution, noise), as another site would")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
@@ -68,7 +70,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
-                "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep")
+                "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p")
 
 
 def config_from_args(args: argparse.Namespace):

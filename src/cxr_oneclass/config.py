@@ -59,6 +59,9 @@ class Config:
     # `lung_floor` everywhere, so that a share of the lesions lands outside the lungs, fainter there (1: anywhere).
     lung_floor: float = 0.0
     lung_keep: float = 0.7
+    # Share of S's training films imaged again after their lesions are drawn (blur, sharpening, a lower resolution,
+    # noise: data/synthetic.reacquire), so that S does not take one site's imaging chain for normal anatomy.
+    acquisition_p: float = 0.0
     # --- operating point: the threshold is set on validation abnormals at this sensitivity (`calibrate` refits it)
     target_sensitivity: float = 0.95
     # --- optimisation ---
@@ -117,6 +120,8 @@ class Config:
             raise ConfigError("detector-ema must be in [0, 1), lesion-p in (0, 1] and detector-lr > 0")
         if not 0 <= self.lung_floor <= 1 or not 0 < self.lung_keep <= 1:
             raise ConfigError(f"lung-floor must be in [0, 1] and lung-keep in (0, 1], got {self.lung_floor} and {self.lung_keep}")
+        if not 0 <= self.acquisition_p <= 1:
+            raise ConfigError(f"acquisition-p must be in [0, 1], got {self.acquisition_p}")
         kinds = self.lesion_kinds.split("+")
         if self.lesion_kinds != "all" and (not set(kinds) <= set(LESION_KINDS) or len(set(kinds)) != len(kinds)):
             raise ConfigError(f"lesion-kinds must be all or '+'-joined kinds of {', '.join(LESION_KINDS)}, got {self.lesion_kinds!r}"[:300])

@@ -11,6 +11,8 @@ Two parts:
   (brightening towards soft tissue with a mottled texture), nodules, pleural effusion (a basal opacity with a
   meniscus), pneumothorax (a dark rim without lung markings), plus generic corruptions blended in smoothly
   (a patch from another normal film, local blur that erases vessel markings), as FPI/NSA/CutPaste do.
+- `jitter` and `reacquire`: the films moved and exposed as real ones are, before the lesions; and, with config
+  `acquisition_p`, imaged again by another chain (blur, sharpening, resolution, noise) after them.
 
 Every lesion is a soft shape times a strength; the target mask is where the film changed visibly (> `MASK_TAU` of the
 grey range), as the phantoms' masks are. Images are (B, 1, H, W) in [0, 1].
@@ -119,6 +121,35 @@ def jitter(x: torch.Tensor, lungs: torch.Tensor, gen: torch.Generator) -> tuple[
     mean = x.mean((2, 3), keepdim=True)
     shift = (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.1
     return ((x - mean) * contrast + mean + shift).clamp(0, 1), lungs
+
+
+def reacquire(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    """Each film, with probability `p`, imaged again by another acquisition chain *after* its lesions were drawn (the
+    lesion is in the patient, the chain blurs everything): a little blur or unsharp-mask sharpening, a pass through a
+    lower resolution, quantum noise; one to three of them. S then cannot tell lesions from one site's texture, which
+    the simulated shifts of research/shift_robustness.py found it did (blur and low resolution cost it most).
+    x (B, 1, H, W) in [0, 1]; draws from `gen` only when p > 0, so p = 0 leaves a seeded run as it was."""
+    if p <= 0:
+        return x
+    b, _, h, w = x.shape
+    out = x.clone()
+    for i in torch.nonzero(torch.rand(b, generator=gen) < p).flatten().tolist():
+        img = out[i : i + 1]
+        ops = torch.randperm(4, generator=gen)[: int(torch.randint(1, 4, (), generator=gen))].tolist()
+        for op in sorted(ops):  # optics, then the detector's sampling, then its noise
+            u = float(torch.rand((), generator=gen))
+            if op == 0:  # blur: sigma 0.3-1.0 px at 64 px
+                img = _blur(img, (0.3 + 0.7 * u) * h / 64)
+            elif op == 1:  # unsharp mask, amount 0.3-1.0
+                img = img + (0.3 + 0.7 * u) * (img - _blur(img, h / 64))
+            elif op == 2:  # through 50-85% of the resolution and back
+                side = max(8, round(h * (0.5 + 0.35 * u)))
+                img = F.interpolate(F.interpolate(img, size=(side, side), mode="bilinear", antialias=True, align_corners=False),
+                                    size=(h, w), mode="bicubic", align_corners=False)
+            else:  # noise: std 0.5-3% of the grey range
+                img = img + (0.005 + 0.025 * u) * torch.randn(img.shape, generator=gen).to(img.device)
+        out[i : i + 1] = img.clamp(0, 1)
+    return out
 
 
 @dataclass

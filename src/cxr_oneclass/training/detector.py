@@ -2,7 +2,7 @@
 
 A second stage after the GAN: each step draws a batch of training normals, moves them as films move (shift, zoom,
 small rotation, exposure), draws synthetic lesions into their lung fields (a share outside them with config
-lung_floor; data/synthetic.py) and teaches S the lesion mask with a focal loss. An exponential moving average of
+lung_floor; data/synthetic.py), re-acquires a share of them (config acquisition_p) and teaches S the lesion mask with a focal loss. An exponential moving average of
 the weights is what scores (self-supervised detectors swing from step to step; the average swings less). With a
 labelled validation split, the average is read every `detector_steps // 8` steps and the best reading is kept
 (selection on validation, never on test).
@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks
+from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks, reacquire
 from ..data.types import ImageSet
 from ..metrics import auc
 from ..runtime import to_model_range
@@ -91,6 +91,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
         idx = torch.randint(0, len(films), (min(cfg.detector_batch, len(films)),), generator=gen)
         x, lung = jitter(films[idx], lungs[idx], gen)
         x_bad, mask, _ = lesions(x, lung)
+        x_bad = reacquire(x_bad, gen, cfg.acquisition_p)  # the mask stays: a blurred lesion is still a lesion
         x_bad, mask = x_bad.to(device).contiguous(memory_format=torch.channels_last), mask.to(device)
         loss = focal_loss(det(x_bad * 2 - 1), mask) * 10  # x10: the focal loss is small; keeps Adam's steps sane
         if not torch.isfinite(loss):

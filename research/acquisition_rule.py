@@ -1,0 +1,62 @@
+"""Issue 14, session 10: does re-imaging S's training films (config acquisition_p) earn a place in `detect`?
+Validation only; the test split is never loaded.
+
+S loses most of its validation AUC to blur and a lower resolution when every validation film is re-acquired that way
+(research/shift_robustness.py, session 9), so it may have learned one site's imaging chain as part of "normal". The
+test pools of both shared sets are such other sites, and so is the held-out NIH check; they may not be used to find
+out. This script reads two shift_robustness JSONs per set, twin runs (same GAN, same seed, same S config but for
+acquisition_p) against the variant, and applies the rule below, written before the variant's numbers existed:
+
+    adopt acquisition_p in `detect` iff, on the means over the seeds of each set,
+      (a) the shipped score (each run's own `auto` terms) on the validation split as it is falls by no more than
+          0.005 on either set, and
+      (b) the same score's mean AUC over the 11 simulated acquisition shifts rises on both sets.
+
+    python research/acquisition_rule.py --set nih runs/x14c10/shift-nih-f25k100.json runs/x14c10/shift-nih-f25k100a50.json \
+        --set kermany runs/x14c10/shift-kermany-f25k100.json runs/x14c10/shift-kermany-f25k100a50.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+MAX_LOSS = 0.005
+
+
+def summary(path: str) -> dict[str, np.ndarray]:
+    """Per run (in file order): the shipped score and seg alone, unshifted, mean over the shifts and worst shift."""
+    doc = json.loads(open(path).read())
+    rows: dict[str, list[float]] = {k: [] for k in ("full", "full_shifted", "full_worst", "seg", "seg_shifted", "seg_worst")}
+    for run in doc.values():
+        shifts = run["shifts"]
+        others = [s for s in shifts if s != "none"]
+        for key, term in (("full", run["chosen"]), ("seg", "seg")):
+            rows[key].append(shifts["none"][term])
+            rows[f"{key}_shifted"].append(float(np.mean([shifts[s][term] for s in others])))
+            rows[f"{key}_worst"].append(min(shifts[s][term] for s in others))
+    return {k: np.array(v) for k, v in rows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", nargs=3, action="append", required=True, metavar=("NAME", "TWINS_JSON", "VARIANT_JSON"))
+    a = ap.parse_args()
+    ok_a, ok_b = True, True
+    for name, twins, variant in a.set:
+        t, v = summary(twins), summary(variant)
+        print(f"{name} ({len(t['full'])} seeds)")
+        for key in t:
+            d = v[key] - t[key]
+            print(f"  {key:13s} twins {t[key].mean():.4f} ± {t[key].std():.4f}  variant {v[key].mean():.4f} ± {v[key].std():.4f}"
+                  f"  Δ {d.mean():+.4f} (by seed {' '.join(f'{x:+.3f}' for x in d)})")
+        ok_a &= (v["full"] - t["full"]).mean() >= -MAX_LOSS
+        ok_b &= (v["full_shifted"] - t["full_shifted"]).mean() > 0
+    print(f"(a) unshifted full score within {MAX_LOSS} on every set: {ok_a}; (b) shifted mean up on every set: {ok_b}")
+    print("decision:", "adopt" if ok_a and ok_b else "keep today's default")
+
+
+if __name__ == "__main__":
+    main()
