@@ -156,12 +156,13 @@ def test_lesion_placement_is_config(monkeypatch):
 
 
 def test_acquisition_p_reaches_the_detector_training(monkeypatch):
-    """Config acquisition_p re-images S's training films after their lesions (data/synthetic.reacquire); 0, the value
-    of every preset so far, never touches them."""
+    """Config acquisition_p re-images S's training films after their lesions (data/synthetic.reacquire); paper and
+    best have no S and keep 0."""
     from cxr_oneclass.data import synthetic
     from cxr_oneclass.training import detector as training
 
     assert resolve("paper").acquisition_p == 0.0 and resolve("best").acquisition_p == 0.0
+    assert resolve("detect").acquisition_p == 0.5  # chosen on validation, session 10
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="acquisition-p"):
             resolve("detect", acquisition_p=bad)
