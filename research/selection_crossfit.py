@@ -21,10 +21,9 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+from shift_robustness import run_and_val  # research/: run as `python research/selection_crossfit.py`
 
-from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.metrics import auc
-from cxr_oneclass.runs import DataProvenance, load_run
 from cxr_oneclass.scoring.inference import model_components, score_images
 from cxr_oneclass.scoring.terms import AUTO_TERMS
 
@@ -81,9 +80,7 @@ def main() -> None:
     a = ap.parse_args()
     out = {}
     for run in a.runs:
-        model, _, doc = load_run(run)
-        prov = DataProvenance.from_doc(doc, run)
-        val = load_dataset(prov.spec, model.cfg.image_size, prov.split_seed, splits=("val",))["val"]
+        model, _, val = run_and_val(run)
         terms = [k for k in AUTO_TERMS if k in model_components(model)]
         scored = score_images(model, val.images, model.cfg.batch_size)
         comps = {k: np.asarray(scored[k], dtype=np.float64) for k in terms}

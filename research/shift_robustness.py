@@ -68,6 +68,13 @@ SHIFTS = {
 }
 
 
+def run_and_val(run: str):
+    """A trained run (model, its run document) and its own validation split, as it was decoded for training."""
+    model, _, doc = load_run(run)
+    prov = DataProvenance.from_doc(doc, run)
+    return model, doc, load_dataset(prov.spec, model.cfg.image_size, prov.split_seed, splits=("val",))["val"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
@@ -75,9 +82,7 @@ def main() -> None:
     a = ap.parse_args()
     results = {}
     for run in a.runs:
-        model, _, doc = load_run(run)
-        prov = DataProvenance.from_doc(doc, run)
-        val = load_dataset(prov.spec, model.cfg.image_size, prov.split_seed, splits=("val",))["val"]
+        model, doc, val = run_and_val(run)
         y = val.labels
         stats = model.stats
         terms = [k for k in AUTO_TERMS if k in model_components(model)]

@@ -36,6 +36,8 @@ def test_run_with_detector_scores_seg_and_draws_its_map(det_run):
     assert model.det is not None and doc["config"]["detector_width"] == 4
     history = (det_run / "detector_history.csv").read_text().splitlines()
     assert history[0].startswith("step,loss,seconds,val_auc") and len(history) == 1 + 8  # 8 readings
+    card = (det_run / "MODEL_CARD.md").read_text()  # the card says how S was taught (detect's placement, re-imaging)
+    assert "lung floor 0.25" in card and "50% of its training films imaged again" in card
     images = (phantom.render(6, size=32, seed=9, kind="consolidation")[0] * 255).astype(np.uint8)
     model.cfg.score_terms = "seg"  # the map is the detector's only when seg is scored
     out = score_images(model, images, batch_size=3, keep_maps=True)

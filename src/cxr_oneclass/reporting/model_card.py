@@ -71,9 +71,9 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
         *([f"- lesion detector S: width {cfg.detector_width}, {cfg.detector_steps} steps on synthetic lesions drawn "
            f"onto {int(cfg.lesion_p * 100)}% of the training normals, in the lung fields"
            + (f" and, fainter, outside them (lung floor {cfg.lung_floor:g})" if cfg.lung_floor > 0 else "")
-           + (f"; {int(cfg.acquisition_p * 100)}% of them imaged again after the lesions (blur, sharpening, "
-              "resolution, noise)" if cfg.acquisition_p > 0 else "")
-           + " (never on real abnormal films)"]
+           + " (never on real abnormal films)"
+           + (f"; {int(cfg.acquisition_p * 100)}% of its training films imaged again after the lesions were drawn "
+              "(blur, sharpening, a lower resolution, noise)" if cfg.acquisition_p > 0 else "")]
           if cfg.uses_s else []),
         f"- weights sha256 `{doc.get('weights_sha256', 'not recorded')}`",
         "",
