@@ -12,7 +12,8 @@ acquisition_p) against the variant, and applies the rule below, written before t
           0.005 on either set, and
       (b) the same score's mean AUC over the 11 simulated acquisition shifts rises on both sets.
 
-    A later variant on top of the chosen one (--rule gain, written before its runs too: session 10's lesion_p 0.7)
+    A later variant on top of the chosen one (--rule gain, written before its runs too: session 10's lesion_p 0.7, then
+    acquisition_p 1.0)
     must earn its place on validation as it is, without giving the robustness back:
       adopt iff the mean gain of the shipped score over the sets is at least 0.005, neither set falls by more than
       0.005, and neither set's mean over the shifts falls by more than 0.005.
