@@ -63,7 +63,9 @@ def test_upload_through_the_page_then_open_and_toggle_the_heat_map(tmp_path, bro
     shots = os.environ.get("CXR_ONECLASS_SCREENSHOTS")
     try:
         browser.get(server.url + "/")
-        assert "No studies yet" in browser.page_source
+        # Wait for it: headless Chromium can hand back an empty document for a moment after get() returns (seen once
+        # in a fresh clone, page_source == '').
+        _wait(lambda: "No studies yet" in browser.page_source)
         browser.find_element(By.ID, "file-input").send_keys("\n".join(str(f) for f in films))
         rows = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.study") if len(browser.find_elements(By.CSS_SELECTOR, "tr.study")) == 3 else None)
         assert browser.find_element(By.ID, "total").text == "3"
