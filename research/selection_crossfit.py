@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from shift_robustness import run_and_val  # research/: run as `python research/s
 
 from cxr_oneclass.metrics import auc
 from cxr_oneclass.scoring.inference import model_components, score_images
+from cxr_oneclass.scoring.selection import best_candidate, candidate_sums
+from cxr_oneclass.scoring.stats import robust_center_scale
 from cxr_oneclass.scoring.terms import AUTO_TERMS
 
 FIXED = ("seg", "fdist+seg", "ssim+fdist+seg", "ssim+fdist+seg+sdist")
@@ -32,20 +33,16 @@ SLACK = 0.01
 
 
 def standardise(comps: dict[str, np.ndarray], normals: np.ndarray) -> dict[str, np.ndarray]:
-    """Each term centred and scaled (median, IQR/1.349) on the films `normals` selects, as scoring/stats does."""
+    """Each term centred and scaled on the films `normals` selects, as scoring/stats does on validation normals."""
     out = {}
     for k, v in comps.items():
-        q25, q50, q75 = np.quantile(v[normals], [0.25, 0.5, 0.75])
-        out[k] = (v - q50) / ((q75 - q25) / 1.349 or float(np.std(v)) or 1.0)
+        center, scale = robust_center_scale(v[normals])
+        out[k] = (v - center) / scale
     return out
 
 
-def candidates(z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"+".join(c): sum(z[k] for k in c) for r in range(1, len(z) + 1) for c in combinations(z, r)}
-
-
 def choose(table: dict[str, float], rule: str) -> str:
-    best = max(table, key=lambda k: (round(table[k], 4), -k.count("+")))
+    best = best_candidate(table)
     if rule == "auto":
         return best
     near = [k for k in table if table[k] >= table[best] - SLACK]
@@ -62,7 +59,7 @@ def crossfit(comps: dict[str, np.ndarray], y: np.ndarray, repeats: int, seed: in
             fit[idx[: len(idx) // 2]] = True
         for f, r in ((fit, ~fit), (~fit, fit)):
             z = standardise(comps, f & (y == 0))
-            cands = candidates(z)
+            cands = candidate_sums(z)
             table = {k: auc(y[f], v[f]) for k, v in cands.items()}
             for rule in ("auto", "auto+"):
                 got[rule].append(auc(y[r], cands[choose(table, rule)][r]))

@@ -28,12 +28,18 @@ def select_score_terms(components: dict[str, np.ndarray], labels: np.ndarray, st
     if not (labels == 0).any() or not (labels == 1).any():
         raise ValueError("choosing score terms needs normal and abnormal validation images")
     z = {k: (components[k] - float(stats.center[TERM_INDEX[k]])) / float(stats.scale[TERM_INDEX[k]]) for k in AUTO_TERMS if k in components}
-    table = {}
-    for r in range(1, len(z) + 1):
-        for combo in combinations(z, r):
-            table["+".join(combo)] = auc(labels, sum(z[k] for k in combo))
-    best = max(table, key=lambda k: (round(table[k], 4), -k.count("+")))
-    return best, table
+    table = {name: auc(labels, summed) for name, summed in candidate_sums(z).items()}
+    return best_candidate(table), table
+
+
+def candidate_sums(z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every non-empty sum of the standardised terms `z`, named '+'-joined, in a fixed order."""
+    return {"+".join(c): sum(z[k] for k in c) for r in range(1, len(z) + 1) for c in combinations(z, r)}
+
+
+def best_candidate(table: dict[str, float]) -> str:
+    """The candidate with the highest AUC (to 4 decimals); ties go to fewer terms, then to the earlier one."""
+    return max(table, key=lambda k: (round(table[k], 4), -k.count("+")))
 
 
 @dataclass

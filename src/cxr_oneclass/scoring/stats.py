@@ -68,6 +68,12 @@ def _collect(net: OneClassGAN, images: np.ndarray, batch_size: int, device: torc
 
 
 @torch.no_grad()
+def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
+    """Median and IQR/1.349 (a normal distribution's sigma) of `values`; the std, then 1, where the IQR is 0."""
+    q25, q50, q75 = np.quantile(values, [0.25, 0.5, 0.75])
+    return float(q50), float((q75 - q25) / 1.349 or np.std(values) or 1.0)
+
+
 def fit_score_stats(
     model: OneClassGAN,
     train_normals: np.ndarray,
@@ -106,7 +112,4 @@ def fit_score_stats(
     comps = score_images(model, ref, batch_size)
     for i, k in enumerate(TERM_NAMES):
         if k in comps:
-            q25, q50, q75 = np.quantile(comps[k], [0.25, 0.5, 0.75])
-            spread = (q75 - q25) / 1.349 or float(np.std(comps[k])) or 1.0
-            stats.center[i] = float(q50)
-            stats.scale[i] = float(spread)
+            stats.center[i], stats.scale[i] = robust_center_scale(comps[k])

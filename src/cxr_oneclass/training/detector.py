@@ -2,10 +2,10 @@
 
 A second stage after the GAN: each step draws a batch of training normals, moves them as films move (shift, zoom,
 small rotation, exposure), draws synthetic lesions into their lung fields (a share outside them with config
-lung_floor; data/synthetic.py), re-acquires a share of them (config acquisition_p) and teaches S the lesion mask with a focal loss. An exponential moving average of
-the weights is what scores (self-supervised detectors swing from step to step; the average swings less). With a
-labelled validation split, the average is read every `detector_steps // 8` steps and the best reading is kept
-(selection on validation, never on test).
+lung_floor; data/synthetic.py), images a share of them again (config acquisition_p) and teaches S the lesion mask
+with a focal loss. An exponential moving average of the weights is what scores (self-supervised detectors swing
+from step to step; the average swings less). With a labelled validation split, the average is read every
+`detector_steps // 8` steps and the best reading is kept (selection on validation, never on test).
 """
 
 from __future__ import annotations
