@@ -3,7 +3,8 @@
 Retrains S of a trained `detect` run exactly as `train` would (same seed, same initial weights, the run's GAN kept),
 keeps the averaged weights of every reading, and compares ways to turn them into one S:
 
-- `pick`:  today's rule, the reading with the best validation AUC of seg (optimistic when read on the same split);
+- `pick`:  `train`'s rule, the reading with the best validation AUC of seg (optimistic when read on the same split),
+           on the films as they are or, with --set detector_pick=shifted, on average over simulated shifts of them;
 - `last`:  the last reading;
 - `avgK`:  the mean of the weights of the last K readings (stochastic weight averaging over the readings);
 
@@ -42,7 +43,7 @@ from cxr_oneclass.runtime import pick_device, seed_everything
 from cxr_oneclass.scoring.selection import fit_score_and_calibration
 from cxr_oneclass.scoring.stats import build_scoring_model
 from cxr_oneclass.training import detector
-from cxr_oneclass.training.detector import fit_detector, lesion_score
+from cxr_oneclass.training.detector import fit_detector, lesion_score, pick_films, reading_aucs
 
 STRATEGIES = ("pick", "last", "avg2", "avg3", "avg4", "avg5")
 
@@ -128,7 +129,14 @@ def main() -> None:
             det.load_state_dict(st)
             seg.append(lesion_score(det, val.images))
         by_reading = [auc(y, s) for s in seg]
-        strategies = {"pick": readings[int(np.argmax(by_reading))][1], "last": readings[-1][1]}
+        merit = by_reading  # what `train` picks by under cfg.detector_pick: as below for "val", with shifts otherwise
+        if cfg.detector_pick != "val":
+            films = pick_films(val.images, cfg.detector_pick)
+            merit = []
+            for _, st in readings:
+                det.load_state_dict(st)
+                merit.append(float(np.mean(list(reading_aucs(det, y, films).values()))))
+        strategies = {"pick": readings[int(np.argmax(merit))][1], "last": readings[-1][1]}
         for k in (2, 3, 4, 5):
             strategies[f"avg{k}"] = average([st for _, st in readings[-k:]])
         strategies = {k: v for k, v in strategies.items() if k in a.strategies.split(",")}

@@ -179,3 +179,35 @@ def test_acquisition_p_reaches_the_detector_training(monkeypatch):
     fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=3, detector_batch=4, acquisition_p=0.5),
                  normals, None, progress=False)
     assert seen == [((4, 1, 32, 32), 0.5)] * 3
+
+
+def test_detector_pick_shifted_keeps_the_reading_that_holds_under_shifts():
+    """Config detector_pick "shifted": each reading is judged by seg's mean validation AUC over the films as they are
+    and each simulated acquisition shift of them (data/acquisition.SHIFTS); the reading kept is the best by that mean,
+    and the history says both figures. "val" (every preset) judges the films as they are, as before."""
+    from cxr_oneclass.data.acquisition import SHIFTS
+    from cxr_oneclass.data.types import ImageSet
+    from cxr_oneclass.training.detector import reading_aucs
+
+    assert all(resolve(p).detector_pick == "val" for p in ("paper", "best", "detect"))
+    with pytest.raises(ConfigError, match="detector-pick"):
+        resolve("detect", detector_pick="test")
+    normals = (phantom.render(16, size=32, seed=1)[0] * 255).astype(np.uint8)
+    vn = (phantom.render(6, size=32, seed=3)[0] * 255).astype(np.uint8)
+    va = (phantom.render(6, size=32, seed=3, kind="consolidation", severity=0.8)[0] * 255).astype(np.uint8)
+    val = ImageSet(np.concatenate([vn, va]), np.r_[np.zeros(6), np.ones(6)].astype(int), [f"v{i}" for i in range(12)])
+    cfg = Config(image_size=32, detector_width=4, detector_steps=8, detector_batch=4, detector_pick="shifted")
+    states = []
+    torch.manual_seed(0)
+    det = Detector(4)
+    history = fit_detector(det, cfg, normals, val, progress=False,
+                           on_reading=lambda step, ema: states.append({k: v.clone() for k, v in ema.state_dict().items()}))
+    assert len(history) == 8 and all("val_auc_shifted" in r for r in history)
+    merits = [r["val_auc_shifted"] for r in history]
+    kept = int(np.argmax(merits))
+    assert all(torch.equal(det.state_dict()[k], states[kept][k]) for k in states[kept])
+    probe = Detector(4)
+    probe.load_state_dict(states[kept])
+    aucs = reading_aucs(probe, val.labels, {k: fn(val.images) for k, fn in SHIFTS.items()})
+    assert len(aucs) == len(SHIFTS) == 12 and np.mean(list(aucs.values())) == pytest.approx(merits[kept])
+    assert aucs["none"] == pytest.approx(history[kept]["val_auc"])

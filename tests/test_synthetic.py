@@ -120,3 +120,23 @@ def test_reacquire_images_films_again_and_only_when_asked(films):
     assert torch.equal(reacquire(x, torch.Generator().manual_seed(5), 1.0), y)  # seeded: repeatable
     share = (reacquire(x, torch.Generator().manual_seed(6), 0.5) != x).flatten(1).any(1).float().mean()
     assert 0.2 < float(share) < 0.8
+
+
+def test_acquisition_shifts_are_deterministic_films_of_the_same_shape():
+    """data/acquisition: every simulated shift maps uint8 films to uint8 films of the same shape, the same way each
+    time, and changes them (but "none"); the held-out family shares no name with the family that may steer S."""
+    from cxr_oneclass.data.acquisition import HELDOUT_SHIFTS, SHIFTS
+
+    films = (phantom.render(3, size=48, seed=2)[0] * 255).astype(np.uint8)
+    assert not set(SHIFTS) & set(HELDOUT_SHIFTS) and len(HELDOUT_SHIFTS) == 7
+    for name, fn in [*SHIFTS.items(), *HELDOUT_SHIFTS.items()]:
+        out = fn(films)
+        assert out.shape == films.shape and out.dtype == np.uint8, name
+        assert np.array_equal(out, fn(films)), name
+        assert np.array_equal(out, films) == (name == "none"), name
+    marked = HELDOUT_SHIFTS["marker"](films)  # a small bright mark near the top-left corner, nothing else
+    changed = np.argwhere((marked != films).any(0))
+    assert len(changed) and changed.max(0).tolist() < [24, 24] and marked.max() >= 240
+    cut = HELDOUT_SHIFTS["collimate"](films)  # white blades at both sides, the centre untouched
+    assert cut[:, :, :2].min() > 200 and cut[:, :, -2:].min() > 200
+    assert np.abs(cut[:, :, 20:28].astype(int) - films[:, :, 20:28]).max() <= 1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import DEFAULT_PRESET, PRESETS, VARIANTS, resolve
+from .config import DEFAULT_PRESET, DETECTOR_PICKS, PRESETS, VARIANTS, resolve
 from .errors import CxrError
 from .scoring.terms import TERM_NAMES
 
@@ -63,6 +63,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    "for the synthetic lesions (1: all of it, opaque parts too)")
     g.add_argument("--acquisition-p", type=float, help="share of the detector's training films imaged again after their "
                    "lesions are drawn (blur, sharpening, lower resolution, noise), as another site would")
+    g.add_argument("--gan-acquisition-p", type=float, help="share of the GAN's training films imaged again the same way "
+                   "(blur, sharpening, lower resolution, noise)")
+    g.add_argument("--detector-pick", choices=DETECTOR_PICKS, help="which of S's readings is kept: best validation AUC "
+                   "as the films are (val) or mean over them and simulated acquisition shifts of them (shifted)")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
@@ -70,7 +74,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
-                "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p")
+                "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p",
+                "gan_acquisition_p", "detector_pick")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -128,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "detector_seconds" in out.extra:
         best = out.extra.get("detector_val_auc")
         picked = f", kept the reading with validation AUC {best:.4f} (seg alone)" if best is not None else ""
+        if "detector_val_auc_shifted" in out.extra:
+            picked += f", {out.extra['detector_val_auc_shifted']:.4f} on average over simulated acquisition shifts"
         print(f"lesion detector: {cfg.detector_steps} steps in {out.extra['detector_seconds']:.0f} s{picked}")
     if out.val_auc is not None:
         print(f"validation AUC {out.val_auc:.4f}")

@@ -19,6 +19,7 @@ VARIANTS = ("u", "u+e", "u+d", "full")
 
 # Upper bounds far above any sensible chest X-ray model (the paper: 64 px, width 64, latent 100, batch 64).
 # The synthetic lesions S can be taught (data/synthetic.py draws them; here so that a config can be checked alone).
+DETECTOR_PICKS = ("val", "shifted")
 LESION_KINDS = ("opacity", "diffuse", "nodule", "effusion", "pneumothorax", "patch", "blur")
 LIMITS = {"image_size": 1024, "width": 512, "detector_width": 512, "detector_steps": 10**8, "detector_batch": 65536, "latent_dim": 4096, "batch_size": 65536, "epochs": 100000, "steps": 10**8,
           "num_threads": 1024}
@@ -62,6 +63,13 @@ class Config:
     # Share of S's training films imaged again after their lesions are drawn (blur, sharpening, a lower resolution,
     # noise: data/synthetic.reacquire), so that S does not take one site's imaging chain for normal anatomy.
     acquisition_p: float = 0.0
+    # The same for the GAN's training films (U, D, E): a share of each batch imaged again, so that U's reconstruction
+    # and the feature terms (ssim, fdist, sdist) take another imaging chain for normal too.
+    gan_acquisition_p: float = 0.0
+    # Which of S's 8 readings is kept: the best seg AUC on the validation films as they are ("val"), or the best mean
+    # over them and each simulated acquisition shift of data/acquisition.SHIFTS ("shifted": a reading that holds on
+    # another site's films rather than one that peaks on this one's).
+    detector_pick: str = "val"
     # --- operating point: the threshold is set on validation abnormals at this sensitivity (`calibrate` refits it)
     target_sensitivity: float = 0.95
     # --- optimisation ---
@@ -122,6 +130,10 @@ class Config:
             raise ConfigError(f"lung-floor must be in [0, 1] and lung-keep in (0, 1], got {self.lung_floor} and {self.lung_keep}")
         if not 0 <= self.acquisition_p <= 1:
             raise ConfigError(f"acquisition-p must be in [0, 1], got {self.acquisition_p}")
+        if not 0 <= self.gan_acquisition_p <= 1:
+            raise ConfigError(f"gan-acquisition-p must be in [0, 1], got {self.gan_acquisition_p}")
+        if self.detector_pick not in DETECTOR_PICKS:
+            raise ConfigError(f"detector-pick must be one of {', '.join(DETECTOR_PICKS)}, got {self.detector_pick!r}"[:200])
         kinds = self.lesion_kinds.split("+")
         if self.lesion_kinds != "all" and (not set(kinds) <= set(LESION_KINDS) or len(set(kinds)) != len(kinds)):
             raise ConfigError(f"lesion-kinds must be all or '+'-joined kinds of {', '.join(LESION_KINDS)}, got {self.lesion_kinds!r}"[:300])

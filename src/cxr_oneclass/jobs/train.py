@@ -177,7 +177,10 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     if detector_history:
         extra["detector_seconds"] = detector_history[-1]["seconds"]
         if "val_auc" in detector_history[0]:
-            extra["detector_val_auc"] = max(r["val_auc"] for r in detector_history)
+            kept = max(detector_history, key=lambda r: r.get("val_auc_shifted", r["val_auc"]))  # as fit_detector picks
+            extra["detector_val_auc"] = kept["val_auc"]
+            if "val_auc_shifted" in kept:
+                extra["detector_val_auc_shifted"] = kept["val_auc_shifted"]
     if main:
         save_run(part, model, scored.calibration, extra, prov)
         write_csv(part / HISTORY_FILE, result.history)

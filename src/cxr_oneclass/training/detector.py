@@ -5,7 +5,9 @@ small rotation, exposure), draws synthetic lesions into their lung fields (a sha
 lung_floor; data/synthetic.py), images a share of them again (config acquisition_p) and teaches S the lesion mask
 with a focal loss. An exponential moving average of the weights is what scores (self-supervised detectors swing
 from step to step; the average swings less). With a labelled validation split, the average is read every
-`detector_steps // 8` steps and the best reading is kept (selection on validation, never on test).
+`detector_steps // 8` steps and the best reading is kept (selection on validation, never on test): best on the
+validation films as they are (config detector_pick "val") or on average over them and simulated acquisition shifts of
+them ("shifted", data/acquisition.SHIFTS).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Config
+from ..data.acquisition import SHIFTS
 from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks, reacquire
 from ..data.types import ImageSet
 from ..metrics import auc
@@ -54,6 +57,18 @@ def lesion_score(det: nn.Module, images: np.ndarray, batch_size: int = 128) -> n
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def pick_films(images: np.ndarray, pick: str) -> dict[str, np.ndarray]:
+    """The versions of the validation films (N, H, W) a reading of S is judged on under config detector_pick."""
+    if pick == "val":
+        return {"none": images}
+    return {name: fn(images) for name, fn in SHIFTS.items()}
+
+
+def reading_aucs(det: nn.Module, labels: np.ndarray, films: dict[str, np.ndarray]) -> dict[str, float]:
+    """Seg's validation AUC on each version of the films; their mean is what picks the reading."""
+    return {name: auc(labels, lesion_score(det, f)) for name, f in films.items()}
+
+
 def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), live.parameters()):
@@ -67,7 +82,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     """Train `det` in place (on its device; lesions are drawn on the CPU) and leave in it the weights chosen; returns one history row per reading.
 
     train_normals: uint8 (N, H, W). `val` with normal and abnormal films picks the reading with the highest
-    validation AUC of the seg term; without, the last reading is kept. `on_reading(step, ema)` sees the averaged
+    validation AUC of the seg term (mean over the shifted versions too under detector_pick "shifted"); without, the last reading is kept. `on_reading(step, ema)` sees the averaged
     weights at each reading (analysis: research/detector_readings.py)."""
     gen = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
     torch.manual_seed(cfg.seed + SEED_OFFSET)
@@ -84,6 +99,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.detector_lr, total_steps=cfg.detector_steps, pct_start=0.1)
     every = max(1, cfg.detector_steps // READINGS)
     can_pick = val is not None and val.n_normal > 0 and val.n_abnormal > 0
+    val_films = pick_films(val.images, cfg.detector_pick) if can_pick else {}
     best, best_auc, history = None, -1.0, []
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.detector_steps + 1), desc="detector", unit="step", leave=False, disable=not progress)
@@ -104,9 +120,13 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
         if step % every == 0 or step == cfg.detector_steps:
             row = {"step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.perf_counter() - t0, 1)}
             if can_pick:
-                row["val_auc"] = auc(val.labels, lesion_score(ema, val.images))
-                if row["val_auc"] > best_auc:
-                    best_auc, best = row["val_auc"], copy.deepcopy(ema.state_dict())
+                aucs = reading_aucs(ema, val.labels, val_films)
+                row["val_auc"] = aucs["none"]
+                merit = float(np.mean(list(aucs.values())))
+                if len(aucs) > 1:
+                    row["val_auc_shifted"] = merit
+                if merit > best_auc:
+                    best_auc, best = merit, copy.deepcopy(ema.state_dict())
             history.append(row)
             if on_reading is not None:
                 on_reading(step, ema)

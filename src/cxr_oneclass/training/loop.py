@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
+from ..data.synthetic import reacquire
 from ..errors import CxrError, DataError
 from ..model import losses
 from ..model.networks import OneClassGAN
@@ -23,6 +24,7 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[OneClassGAN, dict], None]
+ACQ_SEED_OFFSET = 6151  # the GAN's re-imaging stream (config gan_acquisition_p), apart from its other draws
 LOSS_KEYS = ("rec", "adv", "enc", "feat", "g_total", "d")
 
 
@@ -118,6 +120,9 @@ class Trainer:
         # The input noise is drawn where the model runs: drawn on the host and copied, it was 12% of a GPU step.
         # On CPU this is the same generator (and so the same draws) as before.
         self.noise_gen = self.gen if self.device.type == "cpu" else torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # Re-imaging of the GAN's films (config gan_acquisition_p) draws from its own stream: p = 0 draws nothing and
+        # leaves every other draw as it was.
+        self.acq_gen = torch.Generator().manual_seed(cfg.seed + ACQ_SEED_OFFSET)
         self.memory_format = torch.channels_last if self.tuning.channels_last else torch.contiguous_format
         # With unfitted score statistics, so that it can be scored while it trains (fitted after training).
         self.model = build_scoring_model(cfg).to(self.device, memory_format=self.memory_format)
@@ -144,6 +149,8 @@ class Trainer:
         tensors["rng/gen"] = self.gen.get_state()
         if self.noise_gen is not self.gen:
             tensors["rng/noise_gen"] = self.noise_gen.get_state().cpu()
+        if self.cfg.gan_acquisition_p > 0:
+            tensors["rng/acq_gen"] = self.acq_gen.get_state()
         return Checkpoint(epoch, [dict(r) for r in history], tensors, info)
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -164,6 +171,8 @@ class Trainer:
         self.gen.set_state(ckpt.tensors["rng/gen"])
         if self.noise_gen is not self.gen:
             self.noise_gen.set_state(ckpt.tensors["rng/noise_gen"].to(self.noise_gen.device))
+        if "rng/acq_gen" in ckpt.tensors:
+            self.acq_gen.set_state(ckpt.tensors["rng/acq_gen"])
 
     def _optimisers(self) -> dict[str, torch.optim.Optimizer]:
         return {"opt_g": self.opt_g, **({"opt_d": self.opt_d} if self.opt_d is not None else {})}
@@ -175,7 +184,12 @@ class Trainer:
         t0 = time.perf_counter()
         cfg = self.cfg
         part = distributed.local_slice(len(index))
-        x = to_model_range(images_u8[index[part]].to(self.device, non_blocking=True))
+        if cfg.gan_acquisition_p > 0:
+            # The whole global batch is re-imaged (on every rank, the same draws) and this rank keeps its slice.
+            films = images_u8[index].to(self.device).unsqueeze(1).float().div_(255)  # (B, 1, H, W) in [0, 1]
+            x = reacquire(films, self.acq_gen, cfg.gan_acquisition_p)[part].mul_(2).sub_(1)
+        else:
+            x = to_model_range(images_u8[index[part]].to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=self.memory_format)
         if cfg.noise_std > 0:
             noise = torch.randn((len(index), 1, *images_u8.shape[1:]), generator=self.noise_gen, device=self.noise_gen.device)[part]
