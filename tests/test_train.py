@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from conftest import blob_images
@@ -53,3 +54,33 @@ def test_step_budget_replaces_epochs():
     result = fit(cfg, blob_images(16, 32, seed=1), progress=False)  # 2 batches per pass: 2 + 2 + 1 steps
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.history[-1]["images_per_s"] > 0
+
+
+def test_gan_acquisition_p_reimages_the_gan_films_repeatably_and_resumes():
+    """Config gan_acquisition_p: a share of each GAN batch imaged again (data/synthetic.reacquire) from its own random
+    stream; p 0 draws nothing from it (every run as before), the same seed repeats, and a run continued from its
+    checkpoint ends with the same weights as one never stopped."""
+    from cxr_oneclass.errors import ConfigError
+    from cxr_oneclass.runtime import to_model_range
+    from cxr_oneclass.training.loop import Trainer
+
+    assert all(resolve(p).gan_acquisition_p == 0.0 for p in ("paper", "best", "detect"))
+    with pytest.raises(ConfigError, match="gan-acquisition-p"):
+        resolve("paper", gan_acquisition_p=1.5)
+    images = torch.from_numpy(blob_images(16, 32, seed=5))
+    index = torch.arange(16)
+    plain = Trainer(resolve("paper", **TINY))
+    before = plain.acq_gen.get_state()
+    x, _, _ = plain.batch(images, index)
+    assert torch.equal(x, to_model_range(images)) and torch.equal(plain.acq_gen.get_state(), before)
+    x1, _, _ = Trainer(resolve("paper", gan_acquisition_p=1.0, **TINY)).batch(images, index)
+    x2, _, _ = Trainer(resolve("paper", gan_acquisition_p=1.0, **TINY)).batch(images, index)
+    assert torch.equal(x1, x2) and x1.shape == x.shape
+    assert ((x1 - x).abs().flatten(1).amax(1) > 0.01).all()  # every film imaged again at p 1
+    cfg = resolve("paper", epochs=2, gan_acquisition_p=0.5, **TINY)
+    saved = []
+    whole = fit(cfg, images.numpy(), progress=False, on_checkpoint=saved.append).model.state_dict()
+    resumed = fit(cfg, images.numpy(), progress=False, start=saved[0]).model.state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    base = fit(resolve("paper", epochs=2, **TINY), images.numpy(), progress=False).model.state_dict()
+    assert not all(torch.equal(whole[k], base[k]) for k in whole)

@@ -73,8 +73,12 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
            + (f" and, fainter, outside them (lung floor {cfg.lung_floor:g})" if cfg.lung_floor > 0 else "")
            + " (never on real abnormal films)"
            + (f"; {int(cfg.acquisition_p * 100)}% of its training films imaged again after the lesions were drawn "
-              "(blur, sharpening, a lower resolution, noise)" if cfg.acquisition_p > 0 else "")]
+              "(blur, sharpening, a lower resolution, noise)" if cfg.acquisition_p > 0 else "")
+           + ("; its reading kept by validation AUC on average over simulated acquisition shifts"
+              if cfg.detector_pick == "shifted" else "")]
           if cfg.uses_s else []),
+        *([f"- {int(cfg.gan_acquisition_p * 100)}% of the GAN's training films imaged again in each batch (blur, "
+           "sharpening, a lower resolution, noise)"] if cfg.gan_acquisition_p > 0 else []),
         f"- weights sha256 `{doc.get('weights_sha256', 'not recorded')}`",
         "",
         "## Training data",
