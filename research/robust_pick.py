@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from selection_crossfit import random_half
 from shift_robustness import run_and_val  # research/: run as `python research/robust_pick.py`
 
 from cxr_oneclass.data.acquisition import HELDOUT_SHIFTS, SHIFTS
@@ -99,10 +100,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         xfit = {r: {"clean": [], "heldout": []} for r in rules}
         for _ in range(HALVINGS):
-            half = np.zeros(len(y), bool)
-            for c in (0, 1):
-                idx = rng.permutation(np.flatnonzero(y == c))
-                half[idx[: len(idx) // 2]] = True
+            half = random_half(y, rng)
             for fit_h, read_h in ((half, ~half), (~half, half)):
                 a_fit, a_read = aucs(y, table, everything[fit_h]), aucs(y, table, everything[read_h])
                 for r in rules:

@@ -49,14 +49,20 @@ def choose(table: dict[str, float], rule: str) -> str:
     return max(near, key=lambda k: (k.count("+"), table[k]))
 
 
+def random_half(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random half of the films, stratified by label (mask)."""
+    half = np.zeros(len(y), bool)
+    for c in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        half[idx[: len(idx) // 2]] = True
+    return half
+
+
 def crossfit(comps: dict[str, np.ndarray], y: np.ndarray, repeats: int, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     got: dict[str, list[float]] = {r: [] for r in ("auto", "auto+", *FIXED)}
     for _ in range(repeats):
-        fit = np.zeros(len(y), bool)
-        for c in (0, 1):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            fit[idx[: len(idx) // 2]] = True
+        fit = random_half(y, rng)
         for f, r in ((fit, ~fit), (~fit, fit)):
             z = standardise(comps, f & (y == 0))
             cands = candidate_sums(z)
