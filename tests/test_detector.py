@@ -211,3 +211,23 @@ def test_detector_pick_shifted_keeps_the_reading_that_holds_under_shifts():
     aucs = reading_aucs(probe, val.labels, {k: fn(val.images) for k, fn in SHIFTS.items()})
     assert len(aucs) == len(SHIFTS) == 12 and np.mean(list(aucs.values())) == pytest.approx(merits[kept])
     assert aucs["none"] == pytest.approx(history[kept]["val_auc"])
+
+
+def test_lut_p_reaches_the_detector_training(monkeypatch):
+    """Config lut_p shows S's training films through another display curve (data/synthetic.relut) after re-imaging."""
+    from cxr_oneclass.data import synthetic
+    from cxr_oneclass.training import detector as training
+
+    with pytest.raises(ConfigError, match="lut-p"):
+        resolve("detect", lut_p=2.0)
+    seen = []
+
+    def spy(x, gen, p):
+        seen.append(p)
+        return synthetic.relut(x, gen, p)
+
+    monkeypatch.setattr(training, "relut", spy)
+    normals = (phantom.render(8, size=32, seed=1)[0] * 255).astype(np.uint8)
+    fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=2, detector_batch=4, lut_p=0.5),
+                 normals, None, progress=False)
+    assert seen == [0.5, 0.5]

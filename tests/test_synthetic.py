@@ -140,3 +140,20 @@ def test_acquisition_shifts_are_deterministic_films_of_the_same_shape():
     cut = HELDOUT_SHIFTS["collimate"](films)  # white blades at both sides, the centre untouched
     assert cut[:, :, :2].min() > 200 and cut[:, :, -2:].min() > 200
     assert np.abs(cut[:, :, 20:28].astype(int) - films[:, :, 20:28]).max() <= 1
+
+
+def test_relut_is_a_monotone_display_curve_and_only_when_asked():
+    """Config lut_p: a share of S's films through a random monotone display curve (data/synthetic.relut): grey order
+    kept (a lesion stays where it was), the range kept, another curve per film, nothing drawn at p 0."""
+    from cxr_oneclass.data.synthetic import relut
+
+    ramp = torch.linspace(0, 1, 64 * 64).view(1, 1, 64, 64).repeat(4, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert torch.equal(relut(ramp, gen, 0.0), ramp) and torch.equal(gen.get_state(), state)
+    out = relut(ramp, gen, 1.0)
+    flat = out.flatten(1)
+    assert (flat[:, 1:] >= flat[:, :-1] - 1e-6).all() and out.min() >= 0 and out.max() <= 1 + 1e-6
+    assert ((out - ramp).abs().flatten(1).amax(1) > 0.01).all() and not torch.equal(out[0], out[1])
+    again = relut(ramp, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(out, again)

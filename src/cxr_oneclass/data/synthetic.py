@@ -12,7 +12,8 @@ Two parts:
   meniscus), pneumothorax (a dark rim without lung markings), plus generic corruptions blended in smoothly
   (a patch from another normal film, local blur that erases vessel markings), as FPI/NSA/CutPaste do.
 - `jitter` and `reacquire`: the films moved and exposed as real ones are, before the lesions; and, with config
-  `acquisition_p`, imaged again by another chain (blur, sharpening, resolution, noise) after them.
+  `acquisition_p`, imaged again by another chain (blur, sharpening, resolution, noise) after them; with `lut_p`,
+  shown through another site's display curve (`relut`).
 
 Every lesion is a soft shape times a strength; the target mask is where the film changed visibly (> `MASK_TAU` of the
 grey range), as the phantoms' masks are. Images are (B, 1, H, W) in [0, 1].
@@ -149,6 +150,26 @@ def reacquire(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
             else:  # noise: std 0.5-3% of the grey range
                 img = img + (0.005 + 0.025 * u) * torch.randn(img.shape, generator=gen).to(img.device)
         out[i : i + 1] = img.clamp(0, 1)
+    return out
+
+
+def relut(x: torch.Tensor, gen: torch.Generator, p: float, knots: int = 6) -> torch.Tensor:
+    """Each film, with probability `p`, through a random monotone display curve (another site's LUT or its image
+    processing: equalisation, windowing), applied last, after any re-imaging: the curve is piecewise linear through
+    `knots` random increasing points from 0 to 1, blended with the identity by a random 30-100%. A monotone curve keeps
+    every lesion where it was (the mask stays) and changes its contrast. x (B, 1, H, W) in [0, 1]; draws from `gen`
+    only when p > 0."""
+    if p <= 0:
+        return x
+    out = x.clone()
+    for i in torch.nonzero(torch.rand(x.shape[0], generator=gen) < p).flatten().tolist():
+        steps = -torch.log(torch.rand(knots - 1, generator=gen).clamp_min(1e-6))  # exponential: a Dirichlet's increments
+        ys = torch.cat([torch.zeros(1), torch.cumsum(steps, 0) / steps.sum()]).to(x)  # (knots,) from 0 to 1
+        w = 0.3 + 0.7 * float(torch.rand((), generator=gen))
+        pos = out[i].clamp(0, 1) * (knots - 1)
+        lo = pos.floor().clamp(max=knots - 2).long()
+        curve = ys[lo] + (pos - lo) * (ys[lo + 1] - ys[lo])
+        out[i] = (1 - w) * out[i] + w * curve
     return out
 
 

@@ -2,8 +2,8 @@
 
 A second stage after the GAN: each step draws a batch of training normals, moves them as films move (shift, zoom,
 small rotation, exposure), draws synthetic lesions into their lung fields (a share outside them with config
-lung_floor; data/synthetic.py), images a share of them again (config acquisition_p) and teaches S the lesion mask
-with a focal loss. An exponential moving average of the weights is what scores (self-supervised detectors swing
+lung_floor; data/synthetic.py), images a share of them again (config acquisition_p), shows a share through another
+display curve (config lut_p) and teaches S the lesion mask with a focal loss. An exponential moving average of the weights is what scores (self-supervised detectors swing
 from step to step; the average swings less). With a labelled validation split, the average is read every
 `detector_steps // 8` steps and the best reading is kept (selection on validation, never on test): best on the
 validation films as they are (config detector_pick "val") or on average over them and simulated acquisition shifts of
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data.acquisition import SHIFTS
-from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks, reacquire
+from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks, reacquire, relut
 from ..data.types import ImageSet
 from ..metrics import auc
 from ..runtime import to_model_range
@@ -108,6 +108,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
         x, lung = jitter(films[idx], lungs[idx], gen)
         x_bad, mask, _ = lesions(x, lung)
         x_bad = reacquire(x_bad, gen, cfg.acquisition_p)  # the mask stays: a blurred lesion is still a lesion
+        x_bad = relut(x_bad, gen, cfg.lut_p)  # and so does a lesion seen through another display curve
         x_bad, mask = x_bad.to(device).contiguous(memory_format=torch.channels_last), mask.to(device)
         loss = focal_loss(det(x_bad * 2 - 1), mask) * 10  # x10: the focal loss is small; keeps Adam's steps sane
         if not torch.isfinite(loss):
