@@ -206,11 +206,12 @@ def test_detector_pick_shifted_keeps_the_reading_that_holds_under_shifts():
     merits = [r["val_auc_shifted"] for r in history]
     kept = int(np.argmax(merits))
     assert all(torch.equal(det.state_dict()[k], states[kept][k]) for k in states[kept])
-    probe = Detector(4)
+    probe = Detector(4).to(memory_format=torch.channels_last)  # as S is read in training
     probe.load_state_dict(states[kept])
     aucs = reading_aucs(probe, val.labels, {k: fn(val.images) for k, fn in SHIFTS.items()})
-    assert len(aucs) == len(SHIFTS) == 12 and np.mean(list(aucs.values())) == pytest.approx(merits[kept])
-    assert aucs["none"] == pytest.approx(history[kept]["val_auc"])
+    # 6 x 6 films: one pair of near-tied scores ordered the other way by rounding moves an AUC by 0.028
+    assert len(aucs) == len(SHIFTS) == 12 and np.mean(list(aucs.values())) == pytest.approx(merits[kept], abs=0.01)
+    assert aucs["none"] == pytest.approx(history[kept]["val_auc"], abs=0.06)
 
 
 def test_lut_p_reaches_the_detector_training(monkeypatch):

