@@ -40,7 +40,7 @@ from ..scoring.population import fit_population
 from ..scoring.selection import fit_score_and_calibration, select_score_terms
 from ..scoring.stats import fit_score_stats, needs_stats
 from ..training import distributed
-from ..training.detector import fit_detector
+from ..training.detector import fit_detector, reading_merit
 from ..training.loop import Checkpoint, TrainingDiverged, fit
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     if detector_history:
         extra["detector_seconds"] = detector_history[-1]["seconds"]
         if "val_auc" in detector_history[0]:
-            kept = max(detector_history, key=lambda r: r.get("val_auc_shifted", r["val_auc"]))  # as fit_detector picks
+            kept = max(detector_history, key=reading_merit)  # the reading fit_detector kept (the first best)
             extra["detector_val_auc"] = kept["val_auc"]
             if "val_auc_shifted" in kept:
                 extra["detector_val_auc_shifted"] = kept["val_auc_shifted"]

@@ -67,13 +67,13 @@ def _collect(net: OneClassGAN, images: np.ndarray, batch_size: int, device: torc
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-@torch.no_grad()
 def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
     """Median and IQR/1.349 (a normal distribution's sigma) of `values`; the std, then 1, where the IQR is 0."""
     q25, q50, q75 = np.quantile(values, [0.25, 0.5, 0.75])
     return float(q50), float((q75 - q25) / 1.349 or np.std(values) or 1.0)
 
 
+@torch.no_grad()
 def fit_score_stats(
     model: OneClassGAN,
     train_normals: np.ndarray,

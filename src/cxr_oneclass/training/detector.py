@@ -3,11 +3,11 @@
 A second stage after the GAN: each step draws a batch of training normals, moves them as films move (shift, zoom,
 small rotation, exposure), draws synthetic lesions into their lung fields (a share outside them with config
 lung_floor; data/synthetic.py), images a share of them again (config acquisition_p), shows a share through another
-display curve (config lut_p) and teaches S the lesion mask with a focal loss. An exponential moving average of the weights is what scores (self-supervised detectors swing
-from step to step; the average swings less). With a labelled validation split, the average is read every
-`detector_steps // 8` steps and the best reading is kept (selection on validation, never on test): best on the
-validation films as they are (config detector_pick "val") or on average over them and simulated acquisition shifts of
-them ("shifted", data/acquisition.SHIFTS).
+display curve (config lut_p) and teaches S the lesion mask with a focal loss. An exponential moving average of the
+weights is what scores (self-supervised detectors swing from step to step; the average swings less). With a labelled
+validation split, the average is read every `detector_steps // 8` steps and the best reading is kept (selection on
+validation, never on test): best on the validation films as they are (config detector_pick "val") or on average over
+them and simulated acquisition shifts of them ("shifted", data/acquisition.SHIFTS).
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def reading_aucs(det: nn.Module, labels: np.ndarray, films: dict[str, np.ndarray
     return {name: auc(labels, lesion_score(det, f)) for name, f in films.items()}
 
 
+def reading_merit(row: dict) -> float:
+    """What a reading of S is picked by, from its history row: the mean AUC over the shifted versions where they
+    were read (detector_pick "shifted"), else the AUC on the films as they are."""
+    return row.get("val_auc_shifted", row["val_auc"])
+
+
 def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), live.parameters()):
@@ -82,8 +88,9 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     """Train `det` in place (on its device; lesions are drawn on the CPU) and leave in it the weights chosen; returns one history row per reading.
 
     train_normals: uint8 (N, H, W). `val` with normal and abnormal films picks the reading with the highest
-    validation AUC of the seg term (mean over the shifted versions too under detector_pick "shifted"); without, the last reading is kept. `on_reading(step, ema)` sees the averaged
-    weights at each reading (analysis: research/detector_readings.py)."""
+    validation AUC of the seg term (the mean over its shifted versions too under detector_pick "shifted"; see
+    `reading_merit`); without, the last reading is kept. `on_reading(step, ema)` sees the averaged weights at each
+    reading (analysis: research/detector_readings.py)."""
     gen = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
     torch.manual_seed(cfg.seed + SEED_OFFSET)
     lungs = torch.from_numpy(lung_masks(train_normals, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)  # (N, 1, H, W) soft
@@ -123,11 +130,10 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
             if can_pick:
                 aucs = reading_aucs(ema, val.labels, val_films)
                 row["val_auc"] = aucs["none"]
-                merit = float(np.mean(list(aucs.values())))
                 if len(aucs) > 1:
-                    row["val_auc_shifted"] = merit
-                if merit > best_auc:
-                    best_auc, best = merit, copy.deepcopy(ema.state_dict())
+                    row["val_auc_shifted"] = float(np.mean(list(aucs.values())))
+                if reading_merit(row) > best_auc:
+                    best_auc, best = reading_merit(row), copy.deepcopy(ema.state_dict())
             history.append(row)
             if on_reading is not None:
                 on_reading(step, ema)
