@@ -34,6 +34,14 @@ acquisition_p) against the variant, and applies the rule below, written before t
       over heel, scatter, grid, collimate and marker falls by no more than 0.005 on either set, (c) its mean over the
       11 shifts falls by no more than 0.005 on either set, and (d) its mean over lut and equalise rises on both sets.
 
+    Session 12, every film histogram-equalised within itself before every network, in training and scoring (config
+    film_norm equalise, on top of the default; --rule norm, written before its runs): GAN and S both retrained (plain
+    `train`; session 11 showed a plain train writes the joined twins' weights). It is blind to any monotone display
+    curve by construction, so lut, equalise (and gamma, contrast among the 11) cannot judge it alone; the same four
+    conditions as --rule lut judge it: (a) validation as it is within 0.005 on either set, (b) heel, scatter, grid,
+    collimate and marker within 0.005 on either set, (c) the 11 shifts within 0.005 on either set, (d) lut and equalise
+    up on both sets. If NIH's runs fail (a), (b) or (c), the pediatric runs are not made (the rule cannot pass).
+
     python research/acquisition_rule.py --set nih runs/x14c10/shift-nih-f25k100.json runs/x14c10/shift-nih-f25k100a50.json \
         --set kermany runs/x14c10/shift-kermany-f25k100.json runs/x14c10/shift-kermany-f25k100a50.json
 """
@@ -70,8 +78,9 @@ def summary(path: str) -> dict[str, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rule", choices=("robust", "gain", "gan", "lut"), default="robust",
-                    help="robust: (a) and (b) above; gain: the later rule; gan: session 11's rule for gan_acquisition_p; lut: for lut_p")
+    ap.add_argument("--rule", choices=("robust", "gain", "gan", "lut", "norm"), default="robust",
+                    help="robust: (a) and (b) above; gain: the later rule; gan: session 11's rule for gan_acquisition_p; lut: for lut_p; "
+                    "norm: session 12's for film_norm (lut's conditions)")
     ap.add_argument("--set", nargs=3, action="append", required=True, metavar=("NAME", "TWINS_JSON", "VARIANT_JSON"))
     a = ap.parse_args()
     full, shifted, heldout, display, unseen = [], [], [], [], []  # per set: the variant's mean change of the shipped score
@@ -84,12 +93,12 @@ def main() -> None:
                   f"  Δ {d.mean():+.4f} (by seed {' '.join(f'{x:+.3f}' for x in d)})")
         full.append((v["full"] - t["full"]).mean())
         shifted.append((v["full_shifted"] - t["full_shifted"]).mean())
-        if a.rule in ("gan", "lut"):  # needs both JSONs with held-out shifts
+        if a.rule in ("gan", "lut", "norm"):  # needs both JSONs with held-out shifts
             heldout.append((v["full_heldout"] - t["full_heldout"]).mean())
             display.append((v["full_display"] - t["full_display"]).mean())
             unseen.append((v["full_unseen"] - t["full_unseen"]).mean())
     held = min(full) >= -MAX_LOSS
-    if a.rule == "lut":
+    if a.rule in ("lut", "norm"):
         kept_unseen, kept, rose = min(unseen) >= -MAX_LOSS, min(shifted) >= -MAX_LOSS, min(display) > 0
         print(f"(a) unshifted full score within {MAX_LOSS} on every set: {held}; (b) the 5 unseen held-out shifts within "
               f"{MAX_LOSS}: {kept_unseen}; (c) the 11 shifts within {MAX_LOSS}: {kept}; (d) lut + equalise up on every set: {rose}")

@@ -127,7 +127,7 @@ def main() -> None:
         seg = []
         for _, st in readings:
             det.load_state_dict(st)
-            seg.append(lesion_score(det, val.images))
+            seg.append(lesion_score(det, val.images, film_norm=cfg.film_norm))
         by_reading = [auc(y, s) for s in seg]
         merit = by_reading  # what `train` picks by under cfg.detector_pick: as below for "val", with shifts otherwise
         if cfg.detector_pick != "val":
@@ -135,7 +135,7 @@ def main() -> None:
             merit = []
             for _, st in readings:
                 det.load_state_dict(st)
-                merit.append(float(np.mean(list(reading_aucs(det, y, films).values()))))
+                merit.append(float(np.mean(list(reading_aucs(det, y, films, cfg.film_norm).values()))))
         strategies = {"pick": readings[int(np.argmax(merit))][1], "last": readings[-1][1]}
         for k in (2, 3, 4, 5):
             strategies[f"avg{k}"] = average([st for _, st in readings[-k:]])
@@ -151,7 +151,7 @@ def main() -> None:
             m.cfg = cfg
             m.det = copy.deepcopy(det)
             m.det.load_state_dict(st)
-            s = lesion_score(m.det, val.images)
+            s = lesion_score(m.det, val.images, film_norm=cfg.film_norm)
             fitted = fit_score_and_calibration(m, train, val)
             rows[sname] = {"seg": round(auc(y, s), 4), "seg_halves": round(float(np.mean([auc(y[h], s[h]) for h in (ha, hb)])), 4),
                            "detect": round(fitted.val_auc, 4), "chosen": fitted.cfg.score_terms}

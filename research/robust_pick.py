@@ -65,7 +65,7 @@ def seg_table(run: Path, cache: Path) -> tuple[np.ndarray, dict[str, np.ndarray]
     for _, state in readings_of(run):
         det.load_state_dict(state)
         for name, films in shifted.items():
-            table.setdefault(name, []).append(lesion_score(det, films))
+            table.setdefault(name, []).append(lesion_score(det, films, film_norm=model.cfg.film_norm))
     out = {k: np.stack(v) for k, v in table.items()}
     np.savez(cache, labels=val.labels, **out)
     return val.labels, out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .config import DEFAULT_PRESET, DETECTOR_PICKS, PRESETS, VARIANTS, resolve
+from .config import DEFAULT_PRESET, DETECTOR_PICKS, FILM_NORMS, PRESETS, VARIANTS, resolve
 from .errors import CxrError
 from .scoring.terms import TERM_NAMES
 
@@ -69,6 +69,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    "(blur, sharpening, lower resolution, noise)")
     g.add_argument("--detector-pick", choices=DETECTOR_PICKS, help="which of S's readings is kept: best validation AUC "
                    "as the films are (val) or mean over them and simulated acquisition shifts of them (shifted)")
+    g.add_argument("--film-norm", choices=FILM_NORMS, help="each film as every network sees it, in training and scoring: "
+                   "as it comes (none) or histogram-equalised within itself (equalise: blind to display curves)")
     preset = resolve(DEFAULT_PRESET)
     for action in g._group_actions:
         if action.dest in CONFIG_FLAGS:
@@ -77,7 +79,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
                 "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p",
-                "gan_acquisition_p", "lut_p", "detector_pick")
+                "gan_acquisition_p", "lut_p", "detector_pick", "film_norm")
 
 
 def config_from_args(args: argparse.Namespace):

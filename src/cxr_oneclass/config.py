@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .data.normalise import FILM_NORMS
 from .errors import ConfigError
 from .model.geometry import n_down_layers
 from .scoring.terms import AUTO_TERMS, TERM_NAMES
@@ -73,6 +74,9 @@ class Config:
     # over them and each simulated acquisition shift of data/acquisition.SHIFTS ("shifted": a reading that holds on
     # another site's films rather than one that peaks on this one's).
     detector_pick: str = "val"
+    # Each film as every network sees it (data/normalise.py): as it comes ("none"), or histogram-equalised within
+    # itself ("equalise": invariant to any monotone display curve, another site's window or LUT), in training and scoring.
+    film_norm: str = "none"
     # --- operating point: the threshold is set on validation abnormals at this sensitivity (`calibrate` refits it)
     target_sensitivity: float = 0.95
     # --- optimisation ---
@@ -139,6 +143,8 @@ class Config:
             raise ConfigError(f"gan-acquisition-p must be in [0, 1], got {self.gan_acquisition_p}")
         if self.detector_pick not in DETECTOR_PICKS:
             raise ConfigError(f"detector-pick must be one of {', '.join(DETECTOR_PICKS)}, got {self.detector_pick!r}"[:200])
+        if self.film_norm not in FILM_NORMS:
+            raise ConfigError(f"film-norm must be one of {', '.join(FILM_NORMS)}, got {self.film_norm!r}"[:200])
         kinds = self.lesion_kinds.split("+")
         if self.lesion_kinds != "all" and (not set(kinds) <= set(LESION_KINDS) or len(set(kinds)) != len(kinds)):
             raise ConfigError(f"lesion-kinds must be all or '+'-joined kinds of {', '.join(LESION_KINDS)}, got {self.lesion_kinds!r}"[:300])

@@ -80,6 +80,9 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
           if cfg.uses_s else []),
         *([f"- {int(cfg.gan_acquisition_p * 100)}% of the GAN's training films imaged again in each batch (blur, "
            "sharpening, a lower resolution, noise)"] if cfg.gan_acquisition_p > 0 else []),
+        *(["- every film histogram-equalised within itself before any network sees it, in training and scoring "
+           "(blind to another site's display curve; the reconstructions and heat maps are of the equalised film)"]
+          if cfg.film_norm == "equalise" else []),
         f"- weights sha256 `{doc.get('weights_sha256', 'not recorded')}`",
         "",
         "## Training data",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config
+from ..data.normalise import normalise_films
 from ..model.networks import OneClassGAN, fold_batchnorm
 from ..runtime import exact_fp32, to_model_range, warn_if_bf16_is_emulated
 from .terms import RESIDUAL, TERM_BY_NAME, TERM_INDEX, TERMS, Forward, has_term, heatmap_kind, weights_of
@@ -32,7 +33,13 @@ def component_weights(model: OneClassGAN) -> dict[str, float]:
 
 def forward(net: OneClassGAN, x: torch.Tensor, x_net: torch.Tensor | None = None, with_d: bool = True,
             with_s: bool = True) -> Forward:
-    """The networks of `net` on x (B,1,H,W) in [-1, 1]; `x_net` is x as the networks take it (dtype, layout)."""
+    """The networks of `net` on x (B,1,H,W) in [-1, 1]; `x_net` is x as the networks take it (dtype, layout).
+
+    Under config film_norm each film is normalised first (data/normalise.py): every term, the heat map and the
+    reconstruction are then of the film so normalised (`Forward.x`)."""
+    if net.cfg.film_norm != "none":
+        x = normalise_films(x.float(), net.cfg.film_norm)
+        x_net = None if x_net is None else x.to(dtype=x_net.dtype).contiguous(memory_format=torch.channels_last)
     x_net = x if x_net is None else x_net
     x_rec, z, feats_u = net.U(x_net)
     x_rec = x_rec.float()

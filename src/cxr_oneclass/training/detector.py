@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data.acquisition import SHIFTS
+from ..data.normalise import normalise_films
 from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks, reacquire, relut
 from ..data.types import ImageSet
 from ..metrics import auc
@@ -46,13 +47,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 
 
 @torch.no_grad()
-def lesion_score(det: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """The seg term of uint8 films (N, H, W) under `det` in eval mode: the mean predicted lesion probability."""
+def lesion_score(det: nn.Module, images: np.ndarray, batch_size: int = 128, film_norm: str = "none") -> np.ndarray:
+    """The seg term of uint8 films (N, H, W) under `det` in eval mode: the mean predicted lesion probability.
+    `film_norm`: the run's config film_norm (each film as S takes it)."""
     det.eval()
     device = next(det.parameters()).device
     out = []
     for s in range(0, len(images), batch_size):
         x = to_model_range(torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size]))).to(device)
+        x = normalise_films(x, film_norm)
         out.append(torch.sigmoid(det(x)).mean(dim=(1, 2, 3)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -64,9 +67,9 @@ def pick_films(images: np.ndarray, pick: str) -> dict[str, np.ndarray]:
     return {name: fn(images) for name, fn in SHIFTS.items()}
 
 
-def reading_aucs(det: nn.Module, labels: np.ndarray, films: dict[str, np.ndarray]) -> dict[str, float]:
+def reading_aucs(det: nn.Module, labels: np.ndarray, films: dict[str, np.ndarray], film_norm: str = "none") -> dict[str, float]:
     """Seg's validation AUC on each version of the films; their mean is what picks the reading."""
-    return {name: auc(labels, lesion_score(det, f)) for name, f in films.items()}
+    return {name: auc(labels, lesion_score(det, f, film_norm=film_norm)) for name, f in films.items()}
 
 
 def reading_merit(row: dict) -> float:
@@ -117,7 +120,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
         x_bad = reacquire(x_bad, gen, cfg.acquisition_p)  # the mask stays: a blurred lesion is still a lesion
         x_bad = relut(x_bad, gen, cfg.lut_p)  # and so does a lesion seen through another display curve
         x_bad, mask = x_bad.to(device).contiguous(memory_format=torch.channels_last), mask.to(device)
-        loss = focal_loss(det(x_bad * 2 - 1), mask) * 10  # x10: the focal loss is small; keeps Adam's steps sane
+        loss = focal_loss(det(normalise_films(x_bad * 2 - 1, cfg.film_norm)), mask) * 10  # x10: the focal loss is small; keeps Adam's steps sane
         if not torch.isfinite(loss):
             raise FloatingPointError(f"detector loss is {float(loss)} at step {step}; lower --detector-lr")
         opt.zero_grad(set_to_none=True)
@@ -128,7 +131,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
         if step % every == 0 or step == cfg.detector_steps:
             row = {"step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.perf_counter() - t0, 1)}
             if can_pick:
-                aucs = reading_aucs(ema, val.labels, val_films)
+                aucs = reading_aucs(ema, val.labels, val_films, cfg.film_norm)
                 row["val_auc"] = aucs["none"]
                 if len(aucs) > 1:
                     row["val_auc_shifted"] = float(np.mean(list(aucs.values())))

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
+from ..data.normalise import normalise_films
 from ..data.synthetic import reacquire
 from ..errors import CxrError, DataError
 from ..model import losses
@@ -190,7 +191,7 @@ class Trainer:
             x = reacquire(films, self.acq_gen, cfg.gan_acquisition_p)[part].mul_(2).sub_(1)
         else:
             x = to_model_range(images_u8[index[part]].to(self.device, non_blocking=True))
-        x = x.contiguous(memory_format=self.memory_format)
+        x = normalise_films(x, cfg.film_norm).contiguous(memory_format=self.memory_format)
         if cfg.noise_std > 0:
             noise = torch.randn((len(index), 1, *images_u8.shape[1:]), generator=self.noise_gen, device=self.noise_gen.device)[part]
             x_in = x + cfg.noise_std * noise
