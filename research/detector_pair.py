@@ -1,0 +1,103 @@
+"""Issue 14, session 12: would a second lesion detector S, averaged with the first, earn a place in `detect`?
+Validation only; the test split is never loaded.
+
+S alone swings from seed to seed on NIH (validation 0.71-0.80 among the default's three runs) while the GAN-side
+terms hold steadier, and a 3-seed ensemble of whole runs gained on test in every session that read one. Two S's
+cost one more S in training (NIH about +4.6 min, pediatric +7 min: both still under the 30-minute bar) and about
++0.35x `best`'s scoring cost (1.7x in all, under the 2x cap), against 3x for a whole-run ensemble.
+
+S does not depend on the GAN's weights, and the seg term is S's mean lesion probability, so the averaged pair's seg
+term is exactly the mean of the two S's seg terms. Each default run i (session 11's runs) is paired with the S of run
+i+1 (mod 3): another seed's S, as a second member trained from its own stream would be. The pair's seg is standardised
+on validation normals as `train` standardises a term (median, IQR/1.349) and `auto` chooses the sum again on
+validation. Under each simulated shift the terms keep that standardisation and the chosen sum (as shift_robustness.py).
+
+The rule, written before the numbers existed: adopt two S's iff, on the means over the 3 seeds of each set,
+  (a) the mean gain of the shipped score on validation as it is, over the two sets, is at least 0.005, and neither set
+      falls by more than 0.005 (a change that costs time must earn its place), and
+  (b) neither set's mean over the 11 shifts nor over the 7 held-out shifts falls by more than 0.005.
+
+    python research/detector_pair.py --set nih runs/x14c11/nih-gan50-s{0,1,2}-f25k100a50-pick \
+        --set kermany runs/x14c11/kermany-gan50-s{0,1,2}-f25k100a50-pick --json runs/x14p12/pair.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from shift_robustness import run_and_val
+
+from cxr_oneclass.data.acquisition import HELDOUT_SHIFTS, SHIFTS
+from cxr_oneclass.metrics import auc
+from cxr_oneclass.scoring.inference import model_components, score_images
+from cxr_oneclass.scoring.selection import best_candidate, candidate_sums
+from cxr_oneclass.scoring.stats import robust_center_scale
+from cxr_oneclass.scoring.terms import AUTO_TERMS, TERM_INDEX
+from cxr_oneclass.training.detector import lesion_score
+
+MAX_LOSS = 0.005
+FAMILIES = {"none": {"none": SHIFTS["none"]}, "shifts": {k: v for k, v in SHIFTS.items() if k != "none"}, "heldout": HELDOUT_SHIFTS}
+
+
+def standardised(comps: dict[str, np.ndarray], center: dict[str, float], scale: dict[str, float]) -> dict[str, np.ndarray]:
+    return {k: (comps[k] - center[k]) / scale[k] for k in center}
+
+
+def evaluate(runs: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per arm (one S, two S's): per family, per seed, the mean AUC of the arm's shipped sum."""
+    loaded = [run_and_val(r) for r in runs]
+    out: dict[str, dict[str, list[float]]] = {"one": {}, "two": {}}
+    for i, (model, _, val) in enumerate(loaded):
+        partner = loaded[(i + 1) % len(loaded)][0].det
+        y, terms = val.labels, [k for k in AUTO_TERMS if k in model_components(model)]
+        stats = model.stats
+        center = {k: float(stats.center[TERM_INDEX[k]]) for k in terms}
+        scale = {k: float(stats.scale[TERM_INDEX[k]]) for k in terms}
+        films = {name: fn(val.images) for fam in FAMILIES.values() for name, fn in fam.items()}
+        comps = {name: score_images(model, f, model.cfg.batch_size) for name, f in films.items()}
+        for name, f in films.items():
+            comps[name]["seg2"] = (comps[name]["seg"] + lesion_score(partner, f)) / 2
+        # the pair's seg standardised on validation normals, as train would; auto chooses again
+        c2, s2 = robust_center_scale(comps["none"]["seg2"][y == 0])
+        arms = {"one": (center, scale, lambda c: c), "two": ({**center, "seg": c2}, {**scale, "seg": s2}, lambda c: {**c, "seg": c["seg2"]})}
+        for arm, (cen, sca, view) in arms.items():
+            table = {k: auc(y, v) for k, v in candidate_sums(standardised(view(comps["none"]), cen, sca)).items()}
+            chosen = best_candidate(table)
+            for fam, names in FAMILIES.items():
+                vals = [auc(y, candidate_sums(standardised(view(comps[n]), cen, sca))[chosen]) for n in names]
+                out[arm].setdefault(fam, []).append(float(np.mean(vals)))
+            out[arm].setdefault("chosen", []).append(chosen)
+            out[arm].setdefault("seg", []).append(auc(y, view(comps["none"])["seg"]))
+        print(Path(runs[i]).name, {a: {k: v[-1] for k, v in d.items()} for a, d in out.items()}, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME RUN", help="a set's name and its runs")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    results, gains, ok = {}, [], True
+    for name, *runs in a.set:
+        r = results[name] = evaluate(runs)
+        for fam in ("none", "shifts", "heldout", "seg"):
+            d = np.array(r["two"][fam]) - np.array(r["one"][fam])
+            print(f"{name} {fam:8s} one {np.mean(r['one'][fam]):.4f}  two {np.mean(r['two'][fam]):.4f}  Δ {d.mean():+.4f} "
+                  f"(by seed {' '.join(f'{x:+.3f}' for x in d)})")
+            if fam == "none":
+                gains.append(d.mean())
+            elif fam != "seg":
+                ok &= d.mean() >= -MAX_LOSS
+    held = min(gains) >= -MAX_LOSS
+    print(f"(a) mean gain over the sets {np.mean(gains):+.4f} (needs >= {MAX_LOSS}), no set below -{MAX_LOSS}: {held}; "
+          f"(b) shifted and held-out means within {MAX_LOSS}: {ok}")
+    print("decision:", "adopt" if np.mean(gains) >= MAX_LOSS and held and ok else "keep today's default")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
