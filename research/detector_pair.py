@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from shift_robustness import run_and_val
+from shift_robustness import run_and_val  # research/: run as `python research/detector_pair.py`
 
 from cxr_oneclass.data.acquisition import HELDOUT_SHIFTS, SHIFTS
 from cxr_oneclass.metrics import auc
