@@ -19,21 +19,29 @@ The rule, written before the numbers existed: adopt two S's iff, on the means ov
 
     python research/detector_pair.py --set nih runs/x14c11/nih-gan50-s{0,1,2}-f25k100a50-pick \
         --set kermany runs/x14c11/kermany-gan50-s{0,1,2}-f25k100a50-pick --json runs/x14p12/pair.json
+    # after the decision, the pairs as runs (runs/x14p12/<run>-pair) for research/final_test.py:
+    python research/detector_pair.py --set nih ... --set kermany ... --json runs/x14p12/pair.json --write runs/x14p12
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from shift_robustness import run_and_val  # research/: run as `python research/detector_pair.py`
 
+from cxr_oneclass.config import replace
 from cxr_oneclass.data.acquisition import HELDOUT_SHIFTS, SHIFTS
+from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.metrics import auc
+from cxr_oneclass.model.detector import DetectorEnsemble
+from cxr_oneclass.runs import DataProvenance, load_run, save_run
 from cxr_oneclass.scoring.inference import model_components, score_images
-from cxr_oneclass.scoring.selection import best_candidate, candidate_sums
+from cxr_oneclass.scoring.selection import best_candidate, candidate_sums, fit_score_and_calibration
 from cxr_oneclass.scoring.stats import robust_center_scale
 from cxr_oneclass.scoring.terms import AUTO_TERMS, TERM_INDEX
 from cxr_oneclass.training.detector import lesion_score
@@ -75,11 +83,39 @@ def evaluate(runs: list[str]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def write_pairs(runs: list[str], out: Path) -> None:
+    """Each run i with S's of runs i and i+1 as one model of config detectors 2, its score fitted as `train` fits
+    it (auto on validation), written as a run `<name>-pair` (for final_test.py, once the rule has decided)."""
+    loaded = [load_run(r) for r in runs]
+    for i, (run, (model, _, doc)) in enumerate(zip(runs, loaded)):
+        cfg = replace(model.cfg, score_terms="auto", detectors=2)
+        pair = copy.deepcopy(model)
+        pair.cfg, pair.det = cfg, DetectorEnsemble(cfg.detector_width, 2)
+        pair.det.members[0].load_state_dict(model.det.state_dict())
+        pair.det.members[1].load_state_dict(loaded[(i + 1) % len(loaded)][0].det.state_dict())
+        pair.det.eval()
+        prov = DataProvenance.from_doc(doc, run)
+        ds = load_dataset(prov.spec, cfg.image_size, prov.split_seed, splits=("train", "val"))
+        fitted = fit_score_and_calibration(pair, ds["train"], ds["val"])
+        pair.cfg = fitted.cfg
+        extra = {k: doc[k] for k in ("population", "data_summary", "train_seconds", "skipped_files") if k in doc}
+        extra.update(val_auc=fitted.val_auc, score_selection=fitted.selection, detector_pair=[run, runs[(i + 1) % len(runs)]])
+        target = out / f"{Path(run).name}-pair"
+        shutil.rmtree(target, ignore_errors=True)
+        save_run(target, pair, fitted.calibration, extra, prov)
+        print(target, "val AUC", round(fitted.val_auc, 4), fitted.cfg.score_terms, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME RUN", help="a set's name and its runs")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--write", help="after the rule: write each set's pairs as runs here (write_pairs); no evaluation")
     a = ap.parse_args()
+    if a.write:
+        for _, *runs in a.set:
+            write_pairs(runs, Path(a.write))
+        return
     results, gains, ok = {}, [], True
     for name, *runs in a.set:
         r = results[name] = evaluate(runs)

@@ -232,3 +232,41 @@ def test_lut_p_reaches_the_detector_training(monkeypatch):
     fit_detector(Detector(4), Config(image_size=32, detector_width=4, detector_steps=2, detector_batch=4, lut_p=0.5),
                  normals, None, progress=False)
     assert seen == [0.5, 0.5]
+
+
+def test_two_detectors_train_apart_and_score_their_mean(tmp_path):
+    """Config detectors 2: two S's, member k trained from stream k (member 0 is the one S a run had before, bit for
+    bit), the seg term and heat map their mean lesion probability; saved, loaded and exported like one S."""
+    from cxr_oneclass.jobs.export import export_run
+    from cxr_oneclass.model.detector import DetectorEnsemble
+
+    with pytest.raises(ConfigError, match="detectors"):
+        resolve("detect", detectors=0)
+    assert all(resolve(p).detectors == 1 for p in ("paper", "best"))
+    assert not any(".members." in k for k in build_model(resolve("detect", image_size=32, width=8)).state_dict())
+    out = tmp_path / "run"
+    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY, *DETECTOR, "--detectors", "2"]) == 0
+    model, _, doc = load_run(out)
+    assert isinstance(model.det, DetectorEnsemble) and len(model.det.members) == 2
+    assert len(doc["detector_val_auc_members"]) == 2 and 0 <= doc["detector_val_auc"] <= 1
+    history = (out / "detector_history.csv").read_text().splitlines()
+    assert history[0].startswith("member,step") and len(history) == 1 + 2 * 8
+    assert "2 lesion detectors S" in (out / "MODEL_CARD.md").read_text()
+    a, b = (dict(m.state_dict()) for m in model.det.members)
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+    # member 0 is what fit_detector makes of the same initial weights from stream 0
+    normals = (phantom.render(12, size=32, seed=1)[0] * 255).astype(np.uint8)
+    cfg = Config(image_size=32, detector_width=4, detector_steps=3, detector_batch=4)
+    torch.manual_seed(5)
+    first, twin = Detector(4), Detector(4)
+    twin.load_state_dict(first.state_dict())
+    fit_detector(first, cfg, normals, None, progress=False)
+    fit_detector(twin, cfg, normals, None, progress=False, stream=0)
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in first.state_dict().items())
+    images = (phantom.render(5, size=32, seed=9, kind="consolidation")[0] * 255).astype(np.uint8)
+    means = np.mean([lesion_score(m, images) for m in model.det.members], axis=0)
+    np.testing.assert_allclose(lesion_score(model.det, images), means, rtol=1e-5, atol=1e-6)
+    model.cfg.score_terms = "seg"
+    scored = score_images(model, images, keep_maps=True)
+    np.testing.assert_allclose(scored["seg"], means, rtol=1e-5, atol=1e-6)
+    assert export_run(out, tmp_path / "m.onnx")["max_rel_diff"] < 1e-3

@@ -54,6 +54,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-sensitivity", type=float, help="the operating point: sensitivity on validation abnormals that sets the threshold")
     g.add_argument("--detector-width", type=int, help="lesion detector S trained on synthetic lesions (score term seg); 0 = none")
     g.add_argument("--detector-steps", type=int, help="training steps of the lesion detector")
+    g.add_argument("--detectors", type=int, help="lesion detectors S trained, each from its own random stream; their "
+                   "lesion probabilities are averaged (the seg term and its map)")
     g.add_argument("--lesion-p", type=float, help="share of the detector's training films that get synthetic lesions")
     g.add_argument("--lesion-kinds", help="'+'-joined synthetic lesions S is taught (opacity, diffuse, nodule, effusion, "
                    "pneumothorax, patch, blur), or all")
@@ -78,7 +80,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
-                "detector_width", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p",
+                "detector_width", "detectors", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p",
                 "gan_acquisition_p", "lut_p", "detector_pick", "film_norm")
 
 

@@ -40,7 +40,7 @@ from ..scoring.population import fit_population
 from ..scoring.selection import fit_score_and_calibration, select_score_terms
 from ..scoring.stats import fit_score_stats, needs_stats
 from ..training import distributed
-from ..training.detector import fit_detector, reading_merit
+from ..training.detector import fit_detectors
 from ..training.loop import Checkpoint, TrainingDiverged, fit
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,9 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc} (checkpoints in {part})") from None
     model = result.model
-    detector_history = None
+    detector_history, detector_summary = None, {}
     if model.det is not None:  # S, second stage: after the GAN (a resumed run retrains it, seeded: same weights)
-        detector_history = fit_detector(model.det, cfg, train_normals, val, progress)
+        detector_history, detector_summary = fit_detectors(model.det, cfg, train_normals, val, progress)
         if main:
             write_csv(part / DETECTOR_HISTORY_FILE, detector_history)
     scored = fit_score_and_calibration(model, train, val)
@@ -174,13 +174,7 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
     }
     if scored.selection:
         extra["score_selection"] = scored.selection
-    if detector_history:
-        extra["detector_seconds"] = detector_history[-1]["seconds"]
-        if "val_auc" in detector_history[0]:
-            kept = max(detector_history, key=reading_merit)  # the reading fit_detector kept (the first best)
-            extra["detector_val_auc"] = kept["val_auc"]
-            if "val_auc_shifted" in kept:
-                extra["detector_val_auc_shifted"] = kept["val_auc_shifted"]
+    extra.update(detector_summary)
     if main:
         save_run(part, model, scored.calibration, extra, prov)
         write_csv(part / HISTORY_FILE, result.history)

@@ -42,3 +42,24 @@ class Detector(nn.Module):
         for i in reversed(range(len(self.up))):
             h = self.dec[i](torch.cat([self.up[i](h), skips[i]], dim=1))
         return self.head(h)  # (B, 1, H, W)
+
+
+class DetectorEnsemble(nn.Module):
+    """K detectors S, each trained from its own random stream (config detectors); x (B, 1, H, W) -> the logits of
+    their averaged lesion probabilities (B, 1, H, W), so the seg term and its map are the members' means. One S
+    swings from seed to seed on NIH (validation 0.71-0.80); the mean of two holds steadier (docs/RESULTS.md)."""
+
+    EPS = 1e-6  # keeps the logit finite where every member is certain
+
+    def __init__(self, width: int = 16, k: int = 2) -> None:
+        super().__init__()
+        self.members = nn.ModuleList([Detector(width) for _ in range(k)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0).clamp(self.EPS, 1 - self.EPS)
+        return (torch.log(p) - torch.log(1 - p)).to(x.dtype)  # log1p has no ONNX op; at p >= 1e-6 this is as exact
+
+
+def detector_members(det: nn.Module) -> list[nn.Module]:
+    """The detectors S that `det` averages (itself when it is one)."""
+    return list(det.members) if isinstance(det, DetectorEnsemble) else [det]

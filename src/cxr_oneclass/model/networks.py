@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from ..config import Config
-from .detector import Detector
+from .detector import Detector, DetectorEnsemble
 from .geometry import encoder_channels
 
 LEAK = 0.2  # DCGAN's leaky ReLU slope
@@ -135,7 +135,10 @@ class OneClassGAN(nn.Module):
         init_weights(self, cfg.init_std)
         # S after the others and after their initialisation: a model without S draws exactly what it always did.
         # S keeps PyTorch's default (Kaiming) initialisation: it is a plain segmentation network, not a GAN.
-        self.det = Detector(cfg.detector_width) if cfg.uses_s else None
+        if not cfg.uses_s:
+            self.det = None
+        else:  # one S keeps its state-dict keys as they always were (det.*); K > 1: det.members.<k>.*
+            self.det = Detector(cfg.detector_width) if cfg.detectors == 1 else DetectorEnsemble(cfg.detector_width, cfg.detectors)
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """U and E: updated together in the G-step."""

@@ -68,7 +68,8 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
         f"{cfg.image_size} px, width {cfg.width}, {cfg.epochs} epochs, seed {cfg.seed}",
         f"- score: `{cfg.score_terms}` ({cfg.score_norm})" + (f", chosen on validation from `{doc['score_selection']['requested']}`"
                                                               if doc.get("score_selection") else ""),
-        *([f"- lesion detector S: width {cfg.detector_width}, {cfg.detector_steps} steps on synthetic lesions drawn "
+        *([(f"- {cfg.detectors} lesion detectors S, their lesion probabilities averaged, each" if cfg.detectors > 1 else "- lesion detector S:")
+           + f" width {cfg.detector_width}, {cfg.detector_steps} steps on synthetic lesions drawn "
            f"onto {int(cfg.lesion_p * 100)}% of the training normals, in the lung fields"
            + (f" and, fainter, outside them (lung floor {cfg.lung_floor:g})" if cfg.lung_floor > 0 else "")
            + " (never on real abnormal films)"

@@ -29,11 +29,13 @@ from ..data.normalise import normalise_films
 from ..data.synthetic import Lesions, jitter, lesion_mix, lung_masks, reacquire, relut
 from ..data.types import ImageSet
 from ..metrics import auc
+from ..model.detector import detector_members
 from ..runtime import to_model_range
 
 log = logging.getLogger(__name__)
 
 SEED_OFFSET = 7919  # S's random stream is its own: adding S does not change what the GAN draws
+STREAM_STRIDE = 104729  # apart from any seed's: member k of run seed s never draws what another run's S draws
 READINGS = 8  # validation readings over the training
 
 
@@ -87,15 +89,18 @@ def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
 
 
 def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
-                 progress: bool = True, on_reading: Callable[[int, nn.Module], None] | None = None) -> list[dict]:
+                 progress: bool = True, on_reading: Callable[[int, nn.Module], None] | None = None,
+                 stream: int = 0) -> list[dict]:
     """Train `det` in place (on its device; lesions are drawn on the CPU) and leave in it the weights chosen; returns one history row per reading.
 
     train_normals: uint8 (N, H, W). `val` with normal and abnormal films picks the reading with the highest
     validation AUC of the seg term (the mean over its shifted versions too under detector_pick "shifted"; see
     `reading_merit`); without, the last reading is kept. `on_reading(step, ema)` sees the averaged weights at each
-    reading (analysis: research/detector_readings.py)."""
-    gen = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
-    torch.manual_seed(cfg.seed + SEED_OFFSET)
+    reading (analysis: research/detector_readings.py). `stream` k > 0: the k-th member of config detectors, its
+    lesions and batches drawn from a stream of its own (0: the one S of every run before)."""
+    seed = cfg.seed + SEED_OFFSET + stream * STREAM_STRIDE
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     lungs = torch.from_numpy(lung_masks(train_normals, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)  # (N, 1, H, W) soft
     films = torch.from_numpy(np.ascontiguousarray(train_normals)).float().div(255).unsqueeze(1)
     lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p, mix=lesion_mix(cfg.lesion_kinds))
@@ -145,3 +150,28 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     det.load_state_dict(best if best is not None else ema.state_dict())
     det.to(memory_format=torch.contiguous_format).eval()  # saved and exported as plain tensors
     return history
+
+
+def fit_detectors(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
+                  progress: bool = True) -> tuple[list[dict], dict]:
+    """Train each S that `det` holds (config detectors), member k from stream k. Returns the history rows (with a
+    `member` column when there are several) and what the run document records: seconds and the kept readings'
+    validation AUC (with several S's, that of their average, and each member's)."""
+    members = detector_members(det)
+    history: list[dict] = []
+    kept, seconds = [], 0.0
+    for k, member in enumerate(members):
+        rows = fit_detector(member, cfg, train_normals, val, progress, stream=k)
+        history += [{"member": k, **r} for r in rows] if len(members) > 1 else rows
+        seconds += rows[-1]["seconds"]
+        if "val_auc" in rows[0]:
+            kept.append(max(rows, key=reading_merit))  # the reading fit_detector kept (the first best)
+    summary: dict = {"detector_seconds": round(seconds, 1)}
+    if len(kept) == 1:
+        summary["detector_val_auc"] = kept[0]["val_auc"]
+        if "val_auc_shifted" in kept[0]:
+            summary["detector_val_auc_shifted"] = kept[0]["val_auc_shifted"]
+    elif kept:
+        summary["detector_val_auc_members"] = [r["val_auc"] for r in kept]
+        summary["detector_val_auc"] = auc(val.labels, lesion_score(det.eval(), val.images, film_norm=cfg.film_norm))
+    return history, summary
