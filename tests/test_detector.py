@@ -27,7 +27,8 @@ DETECTOR = ["--detector-width", "4", "--detector-steps", "24"]
 @pytest.fixture(scope="module")
 def det_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("det") / "run"
-    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY, *DETECTOR]) == 0
+    # one S: these tests read its own history and reading (two S's: test_two_detectors_train_apart_...)
+    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY, *DETECTOR, "--detectors", "1"]) == 0
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 
 import numpy as np
@@ -86,7 +87,11 @@ def test_int8_export_quantises_the_networks_only_and_stays_close(run_copy, tmp_p
     int8_convs = [c for c in convs if produced_by.get(c.input[0]) is not None and produced_by[c.input[0]].op_type == "DequantizeLinear"]
     assert len(int8_convs) >= 0.8 * sum(c.name.startswith(nets) for c in convs)
     assert not any(produced_by[c.input[0]].op_type == "DequantizeLinear" for c in convs if not c.name.startswith(nets) and c.input[0] in produced_by)
-    assert not any(c.name.startswith("/det/head/") for c in int8_convs)
+    assert not any(re.sub(r"/det/members\.\d+/", "/det/", c.name).startswith("/det/head/") for c in int8_convs)
+    # the default's two S's: each keeps its output level fp32, and their averaging (a logit) is never quantised
+    assert any("/det/members.1/" in c.name for c in convs)
+    assert not any(produced_by.get(i) is not None and produced_by[i].op_type == "DequantizeLinear"
+                   for n in proto.graph.node if n.name.startswith("/det/") and "/members." not in n.name for i in n.input)
     # the int8 graph ranks images as the fp32 model does
     fp32 = Scorer(run_copy)
     int8 = OnnxScorer(tmp_path / "m8.onnx")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -33,18 +34,23 @@ NETWORKS = ("U", "E", "D", "det")  # OneClassGAN's networks, as the exporter nam
 # very unequal ranges, and one int8 scale for both shifted S's mean lesion probability on normal films by 0.03 (its
 # spread over normals is 0.025), which moved the score by 0.3 of the validation range. Kept fp32, 0.0005.
 FP32_DETECTOR = ("det/up.0/", "det/dec.0/", "det/head/")
+MEMBER = re.compile(r"/det/members\.\d+/")  # one S of several (model.detector.DetectorEnsemble)
 CALIBRATION_IMAGES = 256  # training normals the activation ranges are taken from
 CALIBRATION_BATCH = 32
 
 
 def quantisable(graph) -> list[bool]:
-    """Per node of an onnx graph: True for a network node to quantise, False for one to keep fp32 (the score stage
-    and the detector's full-resolution output level, FP32_DETECTOR)."""
+    """Per node of an onnx graph: True for a network node to quantise, False for one to keep fp32 (the score stage,
+    the detector's full-resolution output level, FP32_DETECTOR, in each S of config detectors, and the averaging of
+    several S's: a logit of probabilities near 0 or 1 has no useful 8-bit scale)."""
     prefixes = tuple(f"/{n}/" for n in NETWORKS) + tuple(f"/net/{n}/" for n in NETWORKS)
     fp32_prefixes = tuple(f"/{p}" for p in FP32_DETECTOR) + tuple(f"/net/{p}" for p in FP32_DETECTOR)
-    upsampled = {o for n in graph.node if n.name.startswith(fp32_prefixes) for o in n.output}
-    return [n.name.startswith(prefixes) and not n.name.startswith(fp32_prefixes)
-            and not (n.op_type == "Concat" and upsampled.intersection(n.input)) for n in graph.node]
+    several = any(MEMBER.search(n.name) for n in graph.node)
+    names = [MEMBER.sub("/det/", n.name, count=1) for n in graph.node]  # each S's nodes named as one S's are
+    upsampled = {o for n, name in zip(graph.node, names) if name.startswith(fp32_prefixes) for o in n.output}
+    averaging = [several and name.startswith(("/det/", "/net/det/")) and not MEMBER.search(n.name) for n, name in zip(graph.node, names)]
+    return [name.startswith(prefixes) and not name.startswith(fp32_prefixes) and not avg
+            and not (n.op_type == "Concat" and upsampled.intersection(n.input)) for n, name, avg in zip(graph.node, names, averaging)]
 
 
 def pick_calibration(images: np.ndarray, n: int = CALIBRATION_IMAGES) -> np.ndarray:
