@@ -21,6 +21,8 @@ The rule, written before the numbers existed: adopt two S's iff, on the means ov
         --set kermany runs/x14c11/kermany-gan50-s{0,1,2}-f25k100a50-pick --json runs/x14p12/pair.json
     # after the decision, the pairs as runs (runs/x14p12/<run>-pair) for research/final_test.py:
     python research/detector_pair.py --set nih ... --set kermany ... --json runs/x14p12/pair.json --write runs/x14p12
+    # the picks' optimism, cross-fitted, from robust_pick.py's cached seg scores of session 10's S readings:
+    python research/detector_pair.py --crossfit runs/x14c11/nih-det16-s{0,1,2}-f25k100a50-pick-seg.npz
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from shift_robustness import run_and_val  # research/: run as `python research/detector_pair.py`
+from selection_crossfit import random_half  # research/: run as `python research/detector_pair.py`
+from shift_robustness import run_and_val
 
 from cxr_oneclass.config import replace
 from cxr_oneclass.data.acquisition import HELDOUT_SHIFTS, SHIFTS
@@ -106,12 +109,45 @@ def write_pairs(runs: list[str], out: Path) -> None:
         print(target, "val AUC", round(fitted.val_auc, 4), fitted.cfg.score_terms, flush=True)
 
 
+def crossfit(tables: list[str], repeats: int = 100) -> None:
+    """How much of the pair's seg gain is its two validation picks' optimism: from robust_pick.py's cached seg scores
+    of every reading of each seed's S (`<run>-seg.npz`), each member's reading picked on one stratified half of
+    validation and seg read on the other (both ways, `repeats` random halvings), one S against the pair (S of seed i
+    with S of seed i+1), on the films as they are and averaged over the held-out shifts."""
+    loaded = [np.load(t) for t in tables]
+    y = loaded[0]["labels"]
+    rng = np.random.default_rng(0)
+    got: dict[str, list[list[float]]] = {k: [[] for _ in loaded] for k in ("one", "two", "one_heldout", "two_heldout")}
+    for _ in range(repeats):
+        fit = random_half(y, rng)
+        for f, r in ((fit, ~fit), (~fit, fit)):
+            picks = [int(np.argmax([auc(y[f], s[f]) for s in z["none"]])) for z in loaded]
+            for i, z in enumerate(loaded):
+                j = (i + 1) % len(loaded)
+                partner = loaded[j]
+                for suffix, names in (("", ["none"]), ("_heldout", list(HELDOUT_SHIFTS))):
+                    one = [auc(y[r], z[n][picks[i]][r]) for n in names]
+                    two = [auc(y[r], (z[n][picks[i]][r] + partner[n][picks[j]][r]) / 2) for n in names]
+                    got["one" + suffix][i].append(float(np.mean(one)))
+                    got["two" + suffix][i].append(float(np.mean(two)))
+    for suffix in ("", "_heldout"):
+        one, two = (np.array([np.mean(v) for v in got[k + suffix]]) for k in ("one", "two"))
+        print(f"seg alone, cross-fitted{suffix or ' (as it is)'}: one S {one.mean():.4f}  two {two.mean():.4f}  "
+              f"Δ {np.mean(two - one):+.4f} (by seed {' '.join(f'{x:+.3f}' for x in two - one)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME RUN", help="a set's name and its runs")
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--set", nargs="+", action="append", metavar="NAME RUN", help="a set's name and its runs")
+    ap.add_argument("--crossfit", nargs="+", metavar="NPZ", help="robust_pick.py's seg caches of the seeds' S: the cross-fitted check only")
+    ap.add_argument("--json")
     ap.add_argument("--write", help="after the rule: write each set's pairs as runs here (write_pairs); no evaluation")
     a = ap.parse_args()
+    if a.crossfit:
+        crossfit(a.crossfit)
+        return
+    if not a.set or not a.json:
+        ap.error("--set and --json are needed (or --crossfit)")
     if a.write:
         for _, *runs in a.set:
             write_pairs(runs, Path(a.write))
