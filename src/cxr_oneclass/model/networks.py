@@ -135,10 +135,9 @@ class OneClassGAN(nn.Module):
         init_weights(self, cfg.init_std)
         # S after the others and after their initialisation: a model without S draws exactly what it always did.
         # S keeps PyTorch's default (Kaiming) initialisation: it is a plain segmentation network, not a GAN.
-        if not cfg.uses_s:
-            self.det = None
-        else:  # one S keeps its state-dict keys as they always were (det.*); K > 1: det.members.<k>.*
-            self.det = Detector(cfg.detector_width) if cfg.detectors == 1 else DetectorEnsemble(cfg.detector_width, cfg.detectors)
+        # One S keeps its state-dict keys as they always were (det.*); several: det.members.<k>.*
+        self.det = None if not cfg.uses_s else (
+            Detector(cfg.detector_width) if cfg.detectors == 1 else DetectorEnsemble(cfg.detector_width, cfg.detectors))
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """U and E: updated together in the G-step."""

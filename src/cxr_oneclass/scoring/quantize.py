@@ -45,12 +45,12 @@ def quantisable(graph) -> list[bool]:
     several S's: a logit of probabilities near 0 or 1 has no useful 8-bit scale)."""
     prefixes = tuple(f"/{n}/" for n in NETWORKS) + tuple(f"/net/{n}/" for n in NETWORKS)
     fp32_prefixes = tuple(f"/{p}" for p in FP32_DETECTOR) + tuple(f"/net/{p}" for p in FP32_DETECTOR)
-    several = any(MEMBER.search(n.name) for n in graph.node)
     names = [MEMBER.sub("/det/", n.name, count=1) for n in graph.node]  # each S's nodes named as one S's are
+    several = any(name != n.name for n, name in zip(graph.node, names))
     upsampled = {o for n, name in zip(graph.node, names) if name.startswith(fp32_prefixes) for o in n.output}
-    averaging = [several and name.startswith(("/det/", "/net/det/")) and not MEMBER.search(n.name) for n, name in zip(graph.node, names)]
-    return [name.startswith(prefixes) and not name.startswith(fp32_prefixes) and not avg
-            and not (n.op_type == "Concat" and upsampled.intersection(n.input)) for n, name, avg in zip(graph.node, names, averaging)]
+    return [name.startswith(prefixes) and not name.startswith(fp32_prefixes)
+            and not (several and name == n.name and name.startswith(("/det/", "/net/det/")))  # the averaging itself
+            and not (n.op_type == "Concat" and upsampled.intersection(n.input)) for n, name in zip(graph.node, names)]
 
 
 def pick_calibration(images: np.ndarray, n: int = CALIBRATION_IMAGES) -> np.ndarray:
