@@ -221,9 +221,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # acquisition shifts no training simulates (data/acquisition.HELDOUT_SHIFTS): validation as it is NIH +0.011,
     # pediatric -0.001; held-out shifts +0.011, +0.000 (research/acquisition_rule.py --rule gan).
     # Two S's, each from its own random stream, their lesion probabilities averaged (detectors 2): one S swings from
-    # seed to seed on NIH. Chosen by a rule fixed before its numbers (research/detector_pair.py): validation NIH
-    # +0.016, pediatric +0.002; the 11 and the 7 held-out shifts up on both sets. Costs one more S in training and
-    # about 0.35x `best`'s scoring time.
+    # seed to seed on NIH. Chosen by a rule fixed before its numbers (research/detector_pair.py), on pairs emulated
+    # from other seeds' S's: validation NIH +0.016, pediatric +0.002; the 11 and the 7 held-out shifts up on both sets.
+    # Real runs of it were flat on NIH validation (+0.000; S alone +0.014): a weak choice (docs/RESULTS.md, session 12).
+    # Costs one more S in training and about 0.35x `best`'s scoring time.
     "detect": {"score_terms": "auto", "score_norm": "standardised", "fdist_features": "ez", "detector_width": 16,
                "detectors": 2, "lung_floor": 0.25, "lung_keep": 1.0, "acquisition_p": 0.5, "gan_acquisition_p": 0.5},
 }
