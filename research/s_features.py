@@ -88,29 +88,34 @@ def variant_features(maps: list[np.ndarray], variant: str) -> np.ndarray:
     return level.reshape(level.shape[0], level.shape[1], -1).transpose(0, 2, 1)  # (N, cells, C)
 
 
-def distance(train: np.ndarray, films: np.ndarray, variant: str) -> np.ndarray:
-    """Squared Mahalanobis distance / dimension of each film from the training normals' Gaussian(s)."""
-    def one(tr: np.ndarray, fi: np.ndarray) -> np.ndarray:
-        loc, whiten = fit_gaussian(tr, variant)
-        return (((fi - loc) @ whiten.numpy()) ** 2).mean(axis=1)
-
+def fit_variant(train: np.ndarray, variant: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The training normals' Gaussian(s) of a variant: one (mean, whitening) pair, or one per cell."""
     if train.ndim == 2:
-        return one(train, films)
-    cells = np.stack([one(train[:, c], films[:, c]) for c in range(train.shape[1])], axis=1)  # (N, cells)
+        return [tuple(np.asarray(t) for t in fit_gaussian(train, variant))]
+    return [tuple(np.asarray(t) for t in fit_gaussian(train[:, c], variant)) for c in range(train.shape[1])]
+
+
+def distance(fitted: list[tuple[np.ndarray, np.ndarray]], films: np.ndarray, variant: str) -> np.ndarray:
+    """Squared Mahalanobis distance / dimension of each film from the fitted Gaussian(s); per-cell variants pool the
+    cells' distances by their mean (or max)."""
+    if films.ndim == 2:
+        loc, whiten = fitted[0]
+        return (((films - loc) @ whiten) ** 2).mean(axis=1)
+    cells = np.stack([(((films[:, c] - loc) @ whiten) ** 2).mean(axis=1) for c, (loc, whiten) in enumerate(fitted)], axis=1)
     return cells.max(axis=1) if variant.endswith("max") else cells.mean(axis=1)
 
 
 def new_terms(model, train_images: np.ndarray, films: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """Per film version, per variant: the candidate term (members' distances averaged)."""
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in films}
-    for member in detector_members(model.det):
+    members = detector_members(model.det)
+    for member in members:
         tr_maps = encoder_maps(member, train_images)
-        tr = {v: variant_features(tr_maps, v) for v in VARIANTS}
+        fitted = {v: fit_variant(variant_features(tr_maps, v), v) for v in VARIANTS}
         for name, f in films.items():
             maps = encoder_maps(member, f)
             for v in VARIANTS:
-                d = distance(tr[v], variant_features(maps, v), v)
-                out[name][v] = out[name].get(v, 0) + d / len(detector_members(model.det))
+                out[name][v] = out[name].get(v, 0) + distance(fitted[v], variant_features(maps, v), v) / len(members)
     return out
 
 
