@@ -78,6 +78,29 @@ def test_jitter_moves_film_and_lungs_together(films):
     assert (xj * (lj > 0.5)).sum() / (lj > 0.5).sum() < xj.mean()
 
 
+def test_jitter_strength_scales_the_moves_and_stretches_the_aspect_above_one(films):
+    """Config detector_jitter: 0 leaves the geometry, 1 is the default's draws, 2 moves further and stretches."""
+    x, lungs = _batch(films)
+    a = jitter(x, lungs, torch.Generator().manual_seed(3))
+    b = jitter(x, lungs, torch.Generator().manual_seed(3), 1.0)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    _, still = jitter(x, lungs, torch.Generator().manual_seed(3), 0.0)
+    assert (still - lungs).abs().max() < 1e-4  # photometric changes only
+
+    # A round disc keeps its aspect ratio under shift, zoom and rotation; only the stretch changes it.
+    n, side = 64, 64
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    disc = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 14**2).float().expand(n, 1, side, side).contiguous()
+
+    def aspect_spread(strength: float) -> float:
+        _, moved = jitter(disc, disc, torch.Generator().manual_seed(1), strength)
+        m = moved[:, 0] > 0.5
+        width, height = m.any(1).sum(1).float(), m.any(2).sum(1).float()
+        return float((width / height).log().abs().max())
+
+    assert aspect_spread(1.0) < 0.05 < aspect_spread(2.0)
+
+
 def test_lung_keep_and_floor_choose_where_lesions_land(films):
     """Config lung_keep (the share of each lung region that counts as lung) and lung_floor (the mask's minimum)."""
     dark, whole = lung_masks(films), lung_masks(films, keep=1.0)

@@ -67,6 +67,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    "lesions are drawn (blur, sharpening, lower resolution, noise), as another site would")
     g.add_argument("--lut-p", type=float, help="share of the detector's training films shown through a random monotone "
                    "display curve (another site's LUT or processing) after their lesions")
+    g.add_argument("--detector-jitter", type=float, help="how far the detector's training films are moved: 1 is shift ±6%%, "
+                   "zoom ±8%%, rotation ±4.6°; k scales these and, above 1, stretches one axis by up to ±10%%·(k-1)")
     g.add_argument("--gan-acquisition-p", type=float, help="share of the GAN's training films imaged again the same way "
                    "(blur, sharpening, lower resolution, noise)")
     g.add_argument("--detector-pick", choices=DETECTOR_PICKS, help="which of S's readings is kept: best validation AUC "
@@ -81,7 +83,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 CONFIG_FLAGS = ("target_sensitivity", "variant", "epochs", "steps", "score_terms", "score_norm", "fdist_features", "batch_size", "image_size", "lr", "noise_std", "width", "skips", "seed", "device", "precision", "num_threads",
                 "detector_width", "detectors", "detector_steps", "lesion_p", "lesion_kinds", "lung_floor", "lung_keep", "acquisition_p",
-                "gan_acquisition_p", "lut_p", "detector_pick", "film_norm")
+                "gan_acquisition_p", "lut_p", "detector_jitter", "detector_pick", "film_norm")
 
 
 def config_from_args(args: argparse.Namespace):

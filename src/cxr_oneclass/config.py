@@ -71,6 +71,11 @@ class Config:
     # Share of S's training films shown through a random monotone display curve after all that (data/synthetic.relut):
     # another site's LUT or processing (windowing, equalisation) must not look like disease.
     lut_p: float = 0.0
+    # How far S's training films are moved (data/synthetic.jitter): 1 is shift ±6%, zoom ±8%, rotation ±4.6 degrees;
+    # k scales those ranges and, above 1, also stretches one axis against the other by up to ±10%·(k - 1), so that
+    # another site's positioning and aspect ratio do not look like disease (and S cannot learn the few training
+    # films by heart).
+    detector_jitter: float = 1.0
     # Which of S's 8 readings is kept: the best seg AUC on the validation films as they are ("val"), or the best mean
     # over them and each simulated acquisition shift of data/acquisition.SHIFTS ("shifted": a reading that holds on
     # another site's films rather than one that peaks on this one's).
@@ -138,6 +143,8 @@ class Config:
             raise ConfigError(f"lung-floor must be in [0, 1] and lung-keep in (0, 1], got {self.lung_floor} and {self.lung_keep}")
         if not 0 <= self.acquisition_p <= 1:
             raise ConfigError(f"acquisition-p must be in [0, 1], got {self.acquisition_p}")
+        if not 0 <= self.detector_jitter <= 4:
+            raise ConfigError(f"detector-jitter must be in [0, 4], got {self.detector_jitter}")
         if not 0 <= self.lut_p <= 1:
             raise ConfigError(f"lut-p must be in [0, 1], got {self.lut_p}")
         if not 0 <= self.gan_acquisition_p <= 1:

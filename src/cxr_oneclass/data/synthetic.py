@@ -104,15 +104,21 @@ def _smooth_noise(b: int, size: int, cells: int, gen: torch.Generator, device: t
     return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False).clamp(-1.5, 1.5)
 
 
-def jitter(x: torch.Tensor, lungs: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def jitter(x: torch.Tensor, lungs: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Films moved and exposed as real ones are: shift (±6%), zoom (±8%), rotation (±4.6 degrees), gamma, contrast
-    and brightness; the lung masks move with them. No flips: the heart sits on the left. x, lungs (B, 1, H, W)."""
+    and brightness; the lung masks move with them. No flips: the heart sits on the left. x, lungs (B, 1, H, W).
+    `strength` k scales the geometric ranges; above 1 one axis is also stretched against the other by up to
+    ±10%·(k - 1) (another aspect ratio). At 1 the draws are exactly those of every run before it existed."""
     b = x.shape[0]
-    ang = (torch.rand(b, generator=gen) - 0.5) * 2 * 0.08
-    sc = 1 + (torch.rand(b, generator=gen) - 0.5) * 2 * 0.08
-    tx, ty = [(torch.rand(b, generator=gen) - 0.5) * 2 * 0.06 for _ in range(2)]
-    theta = torch.stack([torch.stack([sc * torch.cos(ang), -sc * torch.sin(ang), tx], 1),
-                         torch.stack([sc * torch.sin(ang), sc * torch.cos(ang), ty], 1)], 1)
+    ang = (torch.rand(b, generator=gen) - 0.5) * 2 * (0.08 * strength)
+    sc = 1 + (torch.rand(b, generator=gen) - 0.5) * 2 * (0.08 * strength)
+    tx, ty = [(torch.rand(b, generator=gen) - 0.5) * 2 * (0.06 * strength) for _ in range(2)]
+    sx = sy = sc
+    if strength > 1:  # drawn after the others, so that strength 1 leaves the stream as it was
+        stretch = 1 + (torch.rand(b, generator=gen) - 0.5) * 2 * (0.1 * (strength - 1))
+        sx, sy = sc * stretch.sqrt(), sc / stretch.sqrt()
+    theta = torch.stack([torch.stack([sx * torch.cos(ang), -sy * torch.sin(ang), tx], 1),
+                         torch.stack([sx * torch.sin(ang), sy * torch.cos(ang), ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     both = F.grid_sample(torch.cat([x, lungs], 1), grid, padding_mode="border", align_corners=False)
     x, lungs = both[:, :1], both[:, 1:]

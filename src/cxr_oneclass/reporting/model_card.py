@@ -76,6 +76,8 @@ def model_card(run_dir: str | Path, val: ImageSet | None = None) -> str:
            + (f"; {int(cfg.acquisition_p * 100)}% of its training films imaged again after the lesions were drawn "
               "(blur, sharpening, a lower resolution, noise)" if cfg.acquisition_p > 0 else "")
            + (f"; {int(cfg.lut_p * 100)}% shown through a random display curve" if cfg.lut_p > 0 else "")
+           + (f"; its films moved {cfg.detector_jitter:g}x as far as the default (shift, zoom, rotation"
+              + (", aspect ratio)" if cfg.detector_jitter > 1 else ")") if cfg.detector_jitter != 1 else "")
            + ("; its reading kept by validation AUC on average over simulated acquisition shifts"
               if cfg.detector_pick == "shifted" else "")]
           if cfg.uses_s else []),

@@ -120,7 +120,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     bar = tqdm(range(1, cfg.detector_steps + 1), desc="detector", unit="step", leave=False, disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(films), (min(cfg.detector_batch, len(films)),), generator=gen)
-        x, lung = jitter(films[idx], lungs[idx], gen)
+        x, lung = jitter(films[idx], lungs[idx], gen, cfg.detector_jitter)
         x_bad, mask, _ = lesions(x, lung)
         x_bad = reacquire(x_bad, gen, cfg.acquisition_p)  # the mask stays: a blurred lesion is still a lesion
         x_bad = relut(x_bad, gen, cfg.lut_p)  # and so does a lesion seen through another display curve
