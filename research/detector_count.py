@@ -1,0 +1,100 @@
+"""Issue 14, session 13: one lesion detector S or two? The re-decision session 12 asked for, on real runs only.
+Validation only; the test split is never loaded.
+
+Session 12 adopted two S's (config detectors 2) on pairs emulated from other seeds' S's (validation NIH +0.016,
+pediatric +0.002). Real runs of it were flat on NIH (+0.000 over 3 seeds). Member 0 of a real two-S run is bit for
+bit the one S that a `detectors 1` run of the same seed trains (same GAN too), so each real two-S run holds both arms:
+"one" scores with member 0 alone, "two" with the pair. In each arm seg is standardised on validation normals as
+`train` does (median, IQR/1.349) and `auto` chooses the sum again on validation; under each simulated shift the arm
+keeps its standardisation and its sum (as shift_robustness.py does).
+
+The rule, written before the new seeds' numbers existed (NIH seeds 3 and 4 and pediatric seeds 1 and 2 are new
+runs; NIH 0-2 and pediatric 0 are session 12's): two S's stay in `detect` iff, on the means over each set's seeds,
+  (a) the mean gain of the shipped score on validation as it is over the two sets is at least 0.005 and neither set
+      falls by more than 0.005 (session 12's bar for a change that costs time), and
+  (b) neither set's mean over the 11 shifts nor over the 7 held-out shifts falls by more than 0.005.
+Otherwise `detect` goes back to one S (0.35x `best`'s scoring time and 5-7 minutes of training saved).
+
+    python research/detector_count.py --set nih runs/x14d12/nih-det16-s{0,1,2} runs/x14d13/nih-det16-s{3,4} \
+        --set kermany runs/x14d12/kermany-det16-s0 runs/x14d13/kermany-det16-s{1,2} --json runs/x14d13/count.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from detector_pair import FAMILIES, MAX_LOSS, standardised  # research/: run as `python research/detector_count.py`
+from shift_robustness import run_and_val
+
+from cxr_oneclass.metrics import auc
+from cxr_oneclass.model.detector import detector_members
+from cxr_oneclass.scoring.inference import model_components, score_images
+from cxr_oneclass.scoring.selection import best_candidate, candidate_sums
+from cxr_oneclass.scoring.stats import robust_center_scale
+from cxr_oneclass.scoring.terms import AUTO_TERMS, TERM_INDEX
+from cxr_oneclass.training.detector import lesion_score
+
+
+def evaluate(runs: list[str]) -> dict[str, dict[str, list]]:
+    """Per arm: per family, per seed, the mean AUC of the arm's shipped sum; its choice; seg alone."""
+    out: dict[str, dict[str, list]] = {"one": {}, "two": {}}
+    for run in runs:
+        model, _, val = run_and_val(run)
+        members = detector_members(model.det)
+        if len(members) != 2:
+            raise SystemExit(f"{run}: {len(members)} S's; this compares member 0 with the pair of a two-S run")
+        y, stats = val.labels, model.stats
+        terms = [k for k in AUTO_TERMS if k in model_components(model)]
+        center = {k: float(stats.center[TERM_INDEX[k]]) for k in terms}
+        scale = {k: float(stats.scale[TERM_INDEX[k]]) for k in terms}
+        films = {name: fn(val.images) for fam in FAMILIES.values() for name, fn in fam.items()}
+        comps = {name: score_images(model, f, model.cfg.batch_size) for name, f in films.items()}
+        for name, f in films.items():
+            comps[name]["seg1"] = lesion_score(members[0], f, film_norm=model.cfg.film_norm)
+        for arm, key in (("one", "seg1"), ("two", "seg")):
+            c, s = robust_center_scale(comps["none"][key][y == 0])
+            cen, sca = {**center, "seg": c}, {**scale, "seg": s}
+
+            def view(comp: dict[str, np.ndarray], key: str = key, terms: list[str] = terms) -> dict[str, np.ndarray]:
+                return {**{k: comp[k] for k in terms}, "seg": comp[key]}
+
+            table = {k: auc(y, v) for k, v in candidate_sums(standardised(view(comps["none"]), cen, sca)).items()}
+            chosen = best_candidate(table)
+            for fam, names in FAMILIES.items():
+                vals = [auc(y, candidate_sums(standardised(view(comps[n]), cen, sca))[chosen]) for n in names]
+                out[arm].setdefault(fam, []).append(float(np.mean(vals)))
+            out[arm].setdefault("chosen", []).append(chosen)
+            out[arm].setdefault("seg", []).append(auc(y, comps["none"][key]))
+        print(Path(run).name, {a: {k: v[-1] for k, v in d.items()} for a, d in out.items()}, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME RUN", help="a set's name and its two-S runs")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    results, gains, ok = {}, [], True
+    for name, *runs in a.set:
+        r = results[name] = evaluate(runs)
+        for fam in ("none", "shifts", "heldout", "seg"):
+            d = np.array(r["two"][fam]) - np.array(r["one"][fam])
+            print(f"{name} {fam:8s} one {np.mean(r['one'][fam]):.4f}  two {np.mean(r['two'][fam]):.4f}  Δ {d.mean():+.4f} "
+                  f"(by seed {' '.join(f'{x:+.3f}' for x in d)})")
+            if fam == "none":
+                gains.append(d.mean())
+            elif fam != "seg":
+                ok &= d.mean() >= -MAX_LOSS
+    held = min(gains) >= -MAX_LOSS
+    print(f"(a) mean gain over the sets {np.mean(gains):+.4f} (needs >= {MAX_LOSS}), no set below -{MAX_LOSS}: {held}; "
+          f"(b) shifted and held-out means within {MAX_LOSS}: {ok}")
+    print("decision:", "two S's stay" if np.mean(gains) >= MAX_LOSS and held and ok else "back to one S")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
