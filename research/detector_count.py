@@ -25,16 +25,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from detector_pair import FAMILIES, MAX_LOSS, standardised  # research/: run as `python research/detector_count.py`
+from detector_pair import compare_arms, read_arm, shifted_components  # research/: run as `python research/detector_count.py`
 from shift_robustness import run_and_val
 
 from cxr_oneclass.metrics import auc
 from cxr_oneclass.model.detector import detector_members
-from cxr_oneclass.scoring.inference import model_components, score_images
-from cxr_oneclass.scoring.selection import best_candidate, candidate_sums
 from cxr_oneclass.scoring.stats import robust_center_scale
-from cxr_oneclass.scoring.terms import AUTO_TERMS, TERM_INDEX
 from cxr_oneclass.training.detector import lesion_score
 
 
@@ -46,26 +42,16 @@ def evaluate(runs: list[str]) -> dict[str, dict[str, list]]:
         members = detector_members(model.det)
         if len(members) != 2:
             raise SystemExit(f"{run}: {len(members)} S's; this compares member 0 with the pair of a two-S run")
-        y, stats = val.labels, model.stats
-        terms = [k for k in AUTO_TERMS if k in model_components(model)]
-        center = {k: float(stats.center[TERM_INDEX[k]]) for k in terms}
-        scale = {k: float(stats.scale[TERM_INDEX[k]]) for k in terms}
-        films = {name: fn(val.images) for fam in FAMILIES.values() for name, fn in fam.items()}
-        comps = {name: score_images(model, f, model.cfg.batch_size) for name, f in films.items()}
+        y = val.labels
+        center, scale, films, comps = shifted_components(model, val.images)
         for name, f in films.items():
             comps[name]["seg1"] = lesion_score(members[0], f, film_norm=model.cfg.film_norm)
         for arm, key in (("one", "seg1"), ("two", "seg")):
             c, s = robust_center_scale(comps["none"][key][y == 0])
             cen, sca = {**center, "seg": c}, {**scale, "seg": s}
-
-            def view(comp: dict[str, np.ndarray], key: str = key, terms: list[str] = terms) -> dict[str, np.ndarray]:
-                return {**{k: comp[k] for k in terms}, "seg": comp[key]}
-
-            table = {k: auc(y, v) for k, v in candidate_sums(standardised(view(comps["none"]), cen, sca)).items()}
-            chosen = best_candidate(table)
-            for fam, names in FAMILIES.items():
-                vals = [auc(y, candidate_sums(standardised(view(comps[n]), cen, sca))[chosen]) for n in names]
-                out[arm].setdefault(fam, []).append(float(np.mean(vals)))
+            chosen, by_family = read_arm(y, {n: {**comp, "seg": comp[key]} for n, comp in comps.items()}, cen, sca)
+            for fam, v in by_family.items():
+                out[arm].setdefault(fam, []).append(v)
             out[arm].setdefault("chosen", []).append(chosen)
             out[arm].setdefault("seg", []).append(auc(y, comps["none"][key]))
         print(Path(run).name, {a: {k: v[-1] for k, v in d.items()} for a, d in out.items()}, flush=True)
@@ -77,21 +63,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME RUN", help="a set's name and its two-S runs")
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
-    results, gains, ok = {}, [], True
-    for name, *runs in a.set:
-        r = results[name] = evaluate(runs)
-        for fam in ("none", "shifts", "heldout", "seg"):
-            d = np.array(r["two"][fam]) - np.array(r["one"][fam])
-            print(f"{name} {fam:8s} one {np.mean(r['one'][fam]):.4f}  two {np.mean(r['two'][fam]):.4f}  Δ {d.mean():+.4f} "
-                  f"(by seed {' '.join(f'{x:+.3f}' for x in d)})")
-            if fam == "none":
-                gains.append(d.mean())
-            elif fam != "seg":
-                ok &= d.mean() >= -MAX_LOSS
-    held = min(gains) >= -MAX_LOSS
-    print(f"(a) mean gain over the sets {np.mean(gains):+.4f} (needs >= {MAX_LOSS}), no set below -{MAX_LOSS}: {held}; "
-          f"(b) shifted and held-out means within {MAX_LOSS}: {ok}")
-    print("decision:", "two S's stay" if np.mean(gains) >= MAX_LOSS and held and ok else "back to one S")
+    results, stay = compare_arms(a.set, evaluate)
+    print("decision:", "two S's stay" if stay else "back to one S")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=1))
 

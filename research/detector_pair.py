@@ -57,29 +57,67 @@ def standardised(comps: dict[str, np.ndarray], center: dict[str, float], scale: 
     return {k: (comps[k] - center[k]) / scale[k] for k in center}
 
 
+def shifted_components(model, images: np.ndarray) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """The run's standardisation of its `auto` terms (center, scale), every version of the validation films in
+    FAMILIES (name -> films) and each version's components as the run scores them (name -> term -> (N,))."""
+    terms = [k for k in AUTO_TERMS if k in model_components(model)]
+    center = {k: float(model.stats.center[TERM_INDEX[k]]) for k in terms}
+    scale = {k: float(model.stats.scale[TERM_INDEX[k]]) for k in terms}
+    films = {name: fn(images) for fam in FAMILIES.values() for name, fn in fam.items()}
+    comps = {name: score_images(model, f, model.cfg.batch_size) for name, f in films.items()}
+    return center, scale, films, comps
+
+
+def read_arm(y: np.ndarray, comps: dict[str, dict[str, np.ndarray]], center: dict[str, float],
+             scale: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """An arm's shipped score: the sum `auto` chooses on the validation films as they are (comps["none"]), kept with
+    its standardisation under every shift; returns the choice and its mean AUC per family of FAMILIES. comps: per
+    film version (FAMILIES' names), the arm's terms (keys outside `center` are ignored)."""
+    table = {k: auc(y, v) for k, v in candidate_sums(standardised(comps["none"], center, scale)).items()}
+    chosen = best_candidate(table)
+    return chosen, {fam: float(np.mean([auc(y, candidate_sums(standardised(comps[n], center, scale))[chosen]) for n in names]))
+                    for fam, names in FAMILIES.items()}
+
+
+def compare_arms(sets: list[list[str]], evaluate, base: str = "one", new: str = "two") -> tuple[dict, bool]:
+    """Each set's (name, runs...) `evaluate`d, arm `new` against arm `base` printed per family and seed, and the
+    rule of this script and detector_count.py: the mean gain on validation as it is over the sets at least MAX_LOSS,
+    no set below -MAX_LOSS, and neither set's mean over the shifts or the held-out shifts below -MAX_LOSS.
+    Returns the results and whether `new` passes."""
+    results, gains, ok = {}, [], True
+    for name, *runs in sets:
+        r = results[name] = evaluate(runs)
+        for fam in ("none", "shifts", "heldout", "seg"):
+            d = np.array(r[new][fam]) - np.array(r[base][fam])
+            print(f"{name} {fam:8s} {base} {np.mean(r[base][fam]):.4f}  {new} {np.mean(r[new][fam]):.4f}  Δ {d.mean():+.4f} "
+                  f"(by seed {' '.join(f'{x:+.3f}' for x in d)})")
+            if fam == "none":
+                gains.append(d.mean())
+            elif fam != "seg":
+                ok &= d.mean() >= -MAX_LOSS
+    held = min(gains) >= -MAX_LOSS
+    print(f"(a) mean gain over the sets {np.mean(gains):+.4f} (needs >= {MAX_LOSS}), no set below -{MAX_LOSS}: {held}; "
+          f"(b) shifted and held-out means within {MAX_LOSS}: {ok}")
+    return results, bool(np.mean(gains) >= MAX_LOSS and held and ok)
+
+
 def evaluate(runs: list[str]) -> dict[str, dict[str, list[float]]]:
     """Per arm (one S, two S's): per family, per seed, the mean AUC of the arm's shipped sum."""
     loaded = [run_and_val(r) for r in runs]
     out: dict[str, dict[str, list[float]]] = {"one": {}, "two": {}}
     for i, (model, _, val) in enumerate(loaded):
         partner = loaded[(i + 1) % len(loaded)][0].det
-        y, terms = val.labels, [k for k in AUTO_TERMS if k in model_components(model)]
-        stats = model.stats
-        center = {k: float(stats.center[TERM_INDEX[k]]) for k in terms}
-        scale = {k: float(stats.scale[TERM_INDEX[k]]) for k in terms}
-        films = {name: fn(val.images) for fam in FAMILIES.values() for name, fn in fam.items()}
-        comps = {name: score_images(model, f, model.cfg.batch_size) for name, f in films.items()}
+        y = val.labels
+        center, scale, films, comps = shifted_components(model, val.images)
         for name, f in films.items():
             comps[name]["seg2"] = (comps[name]["seg"] + lesion_score(partner, f)) / 2
         # the pair's seg standardised on validation normals, as train would; auto chooses again
         c2, s2 = robust_center_scale(comps["none"]["seg2"][y == 0])
         arms = {"one": (center, scale, lambda c: c), "two": ({**center, "seg": c2}, {**scale, "seg": s2}, lambda c: {**c, "seg": c["seg2"]})}
         for arm, (cen, sca, view) in arms.items():
-            table = {k: auc(y, v) for k, v in candidate_sums(standardised(view(comps["none"]), cen, sca)).items()}
-            chosen = best_candidate(table)
-            for fam, names in FAMILIES.items():
-                vals = [auc(y, candidate_sums(standardised(view(comps[n]), cen, sca))[chosen]) for n in names]
-                out[arm].setdefault(fam, []).append(float(np.mean(vals)))
+            chosen, by_family = read_arm(y, {n: view(c) for n, c in comps.items()}, cen, sca)
+            for fam, v in by_family.items():
+                out[arm].setdefault(fam, []).append(v)
             out[arm].setdefault("chosen", []).append(chosen)
             out[arm].setdefault("seg", []).append(auc(y, view(comps["none"])["seg"]))
         print(Path(runs[i]).name, {a: {k: v[-1] for k, v in d.items()} for a, d in out.items()}, flush=True)
@@ -152,21 +190,8 @@ def main() -> None:
         for _, *runs in a.set:
             write_pairs(runs, Path(a.write))
         return
-    results, gains, ok = {}, [], True
-    for name, *runs in a.set:
-        r = results[name] = evaluate(runs)
-        for fam in ("none", "shifts", "heldout", "seg"):
-            d = np.array(r["two"][fam]) - np.array(r["one"][fam])
-            print(f"{name} {fam:8s} one {np.mean(r['one'][fam]):.4f}  two {np.mean(r['two'][fam]):.4f}  Δ {d.mean():+.4f} "
-                  f"(by seed {' '.join(f'{x:+.3f}' for x in d)})")
-            if fam == "none":
-                gains.append(d.mean())
-            elif fam != "seg":
-                ok &= d.mean() >= -MAX_LOSS
-    held = min(gains) >= -MAX_LOSS
-    print(f"(a) mean gain over the sets {np.mean(gains):+.4f} (needs >= {MAX_LOSS}), no set below -{MAX_LOSS}: {held}; "
-          f"(b) shifted and held-out means within {MAX_LOSS}: {ok}")
-    print("decision:", "adopt" if np.mean(gains) >= MAX_LOSS and held and ok else "keep today's default")
+    results, adopt = compare_arms(a.set, evaluate)
+    print("decision:", "adopt" if adopt else "keep today's default")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=1))
 

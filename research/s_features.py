@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from detector_pair import FAMILIES, MAX_LOSS, standardised  # research/: run as `python research/s_features.py`
+from detector_pair import FAMILIES, MAX_LOSS, read_arm, shifted_components  # research/: run as `python research/s_features.py`
 from selection_crossfit import random_half, standardise
 from shift_robustness import run_and_val
 
@@ -51,10 +51,8 @@ from cxr_oneclass.model.detector import detector_members
 from cxr_oneclass.runs import DataProvenance
 from cxr_oneclass.runtime import to_model_range
 from cxr_oneclass.scoring.gaussian import fit_gaussian
-from cxr_oneclass.scoring.inference import model_components, score_images
 from cxr_oneclass.scoring.selection import best_candidate, candidate_sums
 from cxr_oneclass.scoring.stats import robust_center_scale
-from cxr_oneclass.scoring.terms import AUTO_TERMS, TERM_INDEX
 
 VARIANTS = ("pool_all", "pool_deep", "padim3_mean", "padim3_max", "padim2_mean")
 REPEATS = 100
@@ -139,12 +137,9 @@ def evaluate(runs: list[str]) -> dict:
         model, doc, val = run_and_val(run)
         prov = DataProvenance.from_doc(doc, run)
         train = load_dataset(prov.spec, model.cfg.image_size, prov.split_seed, splits=("train",))["train"]
-        y, stats = val.labels, model.stats
-        terms = [k for k in AUTO_TERMS if k in model_components(model)]
-        center = {k: float(stats.center[TERM_INDEX[k]]) for k in terms}
-        scale = {k: float(stats.scale[TERM_INDEX[k]]) for k in terms}
-        films = {name: fn(val.images) for fam in FAMILIES.values() for name, fn in fam.items()}
-        comps = {name: {k: v for k, v in score_images(model, f, model.cfg.batch_size).items() if k in terms} for name, f in films.items()}
+        y = val.labels
+        center, scale, films, comps = shifted_components(model, val.images)
+        comps = {n: {k: c[k] for k in center} for n, c in comps.items()}  # the auto terms only: crossfit sums them all
         extra = new_terms(model, train.images, films)
         for arm in ("base", *VARIANTS):
             cen, sca = dict(center), dict(scale)
@@ -153,12 +148,10 @@ def evaluate(runs: list[str]) -> dict:
                 cen[arm], sca[arm] = robust_center_scale(extra["none"][arm][y == 0])
                 for n in films:
                     view[n][arm] = extra[n][arm]
-            table = {k: auc(y, v) for k, v in candidate_sums(standardised(view["none"], cen, sca)).items()}
-            chosen = best_candidate(table)
+            chosen, by_family = read_arm(y, view, cen, sca)
             rec = out.setdefault(arm, {})
-            for fam, names in FAMILIES.items():
-                vals = [auc(y, candidate_sums(standardised(view[n], cen, sca))[chosen]) for n in names]
-                rec.setdefault(fam, []).append(float(np.mean(vals)))
+            for fam, v in by_family.items():
+                rec.setdefault(fam, []).append(v)
             rec.setdefault("chosen", []).append(chosen)
             rec.setdefault("alone", []).append(auc(y, view["none"][arm]) if arm != "base" else auc(y, view["none"]["seg"]))
             rec.setdefault("crossfit", []).append(crossfit_auto(view["none"], y))
