@@ -243,7 +243,7 @@ def test_two_detectors_train_apart_and_score_their_mean(tmp_path):
 
     with pytest.raises(ConfigError, match="detectors"):
         resolve("detect", detectors=0)
-    assert all(resolve(p).detectors == 1 for p in ("paper", "best")) and resolve("detect").detectors == 2
+    assert all(resolve(p).detectors == 1 for p in ("paper", "best")) and resolve("detect").detectors == 1
     # one S keeps the checkpoint keys it always had (det.*), so runs saved before load unchanged
     assert not any(".members." in k for k in build_model(resolve("detect", detectors=1, image_size=32, width=8)).state_dict())
     out = tmp_path / "run"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PHANTOM, blob_images
+from conftest import PHANTOM, TINY, blob_images
 from cxr_oneclass.cli import main
 from cxr_oneclass.config import resolve
 from cxr_oneclass.errors import RunError
@@ -55,12 +55,13 @@ def test_whole_model_rewritten_scores_the_same():
 
 
 @pytest.fixture(scope="module")
-def int8_ready(tiny_run, tmp_path_factory):
-    """The session's tiny default-preset run (it records its phantom data), rescored without fdist: a 1-epoch model
-    whitened on 16 normals has a near-singular feature covariance, where int8's rounding of the features moves fdist
-    by 10^4 of its size (the export's check refuses that graph, rightly); a real model's moves by 0.3."""
+def int8_ready(tmp_path_factory):
+    """A tiny default-preset run with two S's (`--detectors 2`, so the members' graph is quantised too), scored
+    without fdist: a 1-epoch model whitened on 16 normals has a near-singular feature covariance, where int8's
+    rounding of the features moves fdist by 10^4 of its size (the export's check refuses that graph, rightly); a real
+    model's moves by 0.3."""
     out = tmp_path_factory.mktemp("int8") / "run"
-    assert main(["-q", "rescore", str(tiny_run), "--out", str(out), "--score-terms", "ssim+seg+sdist"]) == 0
+    assert main(["-q", "train", "--data", PHANTOM, "--out", str(out), *TINY, "--detectors", "2", "--score-terms", "ssim+seg+sdist"]) == 0
     return out
 
 
@@ -88,7 +89,7 @@ def test_int8_export_quantises_the_networks_only_and_stays_close(run_copy, tmp_p
     assert len(int8_convs) >= 0.8 * sum(c.name.startswith(nets) for c in convs)
     assert not any(produced_by[c.input[0]].op_type == "DequantizeLinear" for c in convs if not c.name.startswith(nets) and c.input[0] in produced_by)
     assert not any(re.sub(r"/det/members\.\d+/", "/det/", c.name).startswith("/det/head/") for c in int8_convs)
-    # the default's two S's: each keeps its output level fp32, and their averaging (a logit) is never quantised
+    # two S's: each keeps its output level fp32, and their averaging (a logit) is never quantised
     assert any("/det/members.1/" in c.name for c in convs)
     assert not any(produced_by.get(i) is not None and produced_by[i].op_type == "DequantizeLinear"
                    for n in proto.graph.node if n.name.startswith("/det/") and "/members." not in n.name for i in n.input)
