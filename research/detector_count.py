@@ -22,21 +22,38 @@ Otherwise `detect` goes back to one S (0.35x `best`'s scoring time and 5-7 minut
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
-from detector_pair import compare_arms, read_arm, shifted_components  # research/: run as `python research/detector_count.py`
+import numpy as np
+from detector_pair import compare_arms, read_arm, shifted_components, standardised  # research/: run as `python research/detector_count.py`
 from shift_robustness import run_and_val
 
 from cxr_oneclass.metrics import auc
 from cxr_oneclass.model.detector import detector_members
+from cxr_oneclass.scoring.selection import candidate_sums
 from cxr_oneclass.scoring.stats import robust_center_scale
 from cxr_oneclass.training.detector import lesion_score
 
 
-def evaluate(runs: list[str]) -> dict[str, dict[str, list]]:
-    """Per arm: per family, per seed, the mean AUC of the arm's shipped sum; its choice; seg alone."""
-    out: dict[str, dict[str, list]] = {"one": {}, "two": {}}
+def paired_bootstrap(y: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of AUC(b) - AUC(a) over the same films resampled with replacement, normals and abnormals apart
+    (so every resample keeps the split's class counts). Each arm's choice of sum stays fixed: a little narrow."""
+    rng = np.random.default_rng(seed)
+    idx0, idx1 = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    d = []
+    for _ in range(reps):
+        i = np.concatenate([rng.choice(idx0, idx0.size), rng.choice(idx1, idx1.size)])
+        d.append(auc(y[i], b[i]) - auc(y[i], a[i]))
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def evaluate(runs: list[str], bootstrap: int = 0) -> dict[str, dict[str, list]]:
+    """Per arm: per family, per seed, the mean AUC of the arm's shipped sum; its choice; seg alone. With bootstrap
+    > 0, also per seed the paired bootstrap interval of the shipped score's gain on validation (two minus one)."""
+    out: dict[str, dict[str, list]] = {"one": {}, "two": {}, "ci": {}}
     for run in runs:
         model, _, val = run_and_val(run)
         members = detector_members(model.det)
@@ -46,14 +63,19 @@ def evaluate(runs: list[str]) -> dict[str, dict[str, list]]:
         center, scale, films, comps = shifted_components(model, val.images)
         for name, f in films.items():
             comps[name]["seg1"] = lesion_score(members[0], f, film_norm=model.cfg.film_norm)
+        shipped = {}
         for arm, key in (("one", "seg1"), ("two", "seg")):
             c, s = robust_center_scale(comps["none"][key][y == 0])
             cen, sca = {**center, "seg": c}, {**scale, "seg": s}
             chosen, by_family = read_arm(y, {n: {**comp, "seg": comp[key]} for n, comp in comps.items()}, cen, sca)
+            shipped[arm] = candidate_sums(standardised({**comps["none"], "seg": comps["none"][key]}, cen, sca))[chosen]
+            assert abs(auc(y, shipped[arm]) - by_family["none"]) < 1e-9  # the same sum read_arm scored
             for fam, v in by_family.items():
                 out[arm].setdefault(fam, []).append(v)
             out[arm].setdefault("chosen", []).append(chosen)
             out[arm].setdefault("seg", []).append(auc(y, comps["none"][key]))
+        if bootstrap:
+            out["ci"].setdefault("none", []).append(paired_bootstrap(y, shipped["one"], shipped["two"], bootstrap))
         print(Path(run).name, {a: {k: v[-1] for k, v in d.items()} for a, d in out.items()}, flush=True)
     return out
 
@@ -62,8 +84,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME RUN", help="a set's name and its two-S runs")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--bootstrap", type=int, default=0, help="paired bootstrap resamples of validation per seed (0: none)")
     a = ap.parse_args()
-    results, stay = compare_arms(a.set, evaluate)
+    results, stay = compare_arms(a.set, functools.partial(evaluate, bootstrap=a.bootstrap))
     print("decision:", "two S's stay" if stay else "back to one S")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=1))
