@@ -69,14 +69,15 @@ def shifted_components(model, images: np.ndarray) -> tuple[dict[str, float], dic
 
 
 def read_arm(y: np.ndarray, comps: dict[str, dict[str, np.ndarray]], center: dict[str, float],
-             scale: dict[str, float]) -> tuple[str, dict[str, float]]:
+             scale: dict[str, float]) -> tuple[str, dict[str, float], np.ndarray]:
     """An arm's shipped score: the sum `auto` chooses on the validation films as they are (comps["none"]), kept with
-    its standardisation under every shift; returns the choice and its mean AUC per family of FAMILIES. comps: per
-    film version (FAMILIES' names), the arm's terms (keys outside `center` are ignored)."""
-    table = {k: auc(y, v) for k, v in candidate_sums(standardised(comps["none"], center, scale)).items()}
-    chosen = best_candidate(table)
+    its standardisation under every shift; returns the choice, its mean AUC per family of FAMILIES and its scores on
+    the films as they are. comps: per film version (FAMILIES' names), the arm's terms (keys outside `center` are
+    ignored)."""
+    sums = candidate_sums(standardised(comps["none"], center, scale))
+    chosen = best_candidate({k: auc(y, v) for k, v in sums.items()})
     return chosen, {fam: float(np.mean([auc(y, candidate_sums(standardised(comps[n], center, scale))[chosen]) for n in names]))
-                    for fam, names in FAMILIES.items()}
+                    for fam, names in FAMILIES.items()}, sums[chosen]
 
 
 def compare_arms(sets: list[list[str]], evaluate, base: str = "one", new: str = "two") -> tuple[dict, bool]:
@@ -115,7 +116,7 @@ def evaluate(runs: list[str]) -> dict[str, dict[str, list[float]]]:
         c2, s2 = robust_center_scale(comps["none"]["seg2"][y == 0])
         arms = {"one": (center, scale, lambda c: c), "two": ({**center, "seg": c2}, {**scale, "seg": s2}, lambda c: {**c, "seg": c["seg2"]})}
         for arm, (cen, sca, view) in arms.items():
-            chosen, by_family = read_arm(y, {n: view(c) for n, c in comps.items()}, cen, sca)
+            chosen, by_family, _ = read_arm(y, {n: view(c) for n, c in comps.items()}, cen, sca)
             for fam, v in by_family.items():
                 out[arm].setdefault(fam, []).append(v)
             out[arm].setdefault("chosen", []).append(chosen)

@@ -148,7 +148,7 @@ def evaluate(runs: list[str]) -> dict:
                 cen[arm], sca[arm] = robust_center_scale(extra["none"][arm][y == 0])
                 for n in films:
                     view[n][arm] = extra[n][arm]
-            chosen, by_family = read_arm(y, view, cen, sca)
+            chosen, by_family, _ = read_arm(y, view, cen, sca)
             rec = out.setdefault(arm, {})
             for fam, v in by_family.items():
                 rec.setdefault(fam, []).append(v)

@@ -228,8 +228,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # acquisition shifts no training simulates (data/acquisition.HELDOUT_SHIFTS): validation as it is NIH +0.011,
     # pediatric -0.001; held-out shifts +0.011, +0.000 (research/acquisition_rule.py --rule gan).
     # One S (detectors 1). Session 12 adopted two S's averaged, on pairs emulated from other seeds' S's; real runs of
-    # the pair (5 NIH seeds, 3 pediatric) gained +0.002 and +0.000 on validation, under the rule's 0.005 (research/
-    # detector_count.py; docs/RESULTS.md, session 14), so `detect` went back to one S: about 0.4x `best`'s scoring
+    # the pair (5 NIH seeds, 3 pediatric) gained +0.002 and at most +0.001 on validation, under the rule's 0.005 (research/
+    # detector_count.py; docs/RESULTS.md, session 14), so `detect` went back to one S: about 0.36x `best`'s scoring
     # time and 4-5 minutes of training saved. `--detectors K` still trains and averages K S's.
     "detect": {"score_terms": "auto", "score_norm": "standardised", "fdist_features": "ez", "detector_width": 16,
                "lung_floor": 0.25, "lung_keep": 1.0, "acquisition_p": 0.5, "gan_acquisition_p": 0.5},
