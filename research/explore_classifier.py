@@ -11,7 +11,8 @@ visibly. Every `--eval-every` steps the averaged weights (EMA) are read on valid
 
 - `logit`: the classifier's output;
 - `gde`:   Ledoit-Wolf Mahalanobis distance of the pooled last-stage features from the training normals';
-- `gde2`:  the same on the last two stages' pooled features, concatenated.
+- `gde2`:  the same on the last two stages' pooled features, concatenated;
+- `knn`:   mean distance to the 5 nearest training normals of the unit-length last-stage features.
 
 With `--run RUN` (a trained `detect` run on the same set), each candidate is also added to the run's `auto` terms as
 a fifth one, standardised on validation normals as `train` standardises a term, and `auto` chooses again:
@@ -91,7 +92,10 @@ def read(net: Classifier, train_images: np.ndarray, val_images: np.ndarray) -> d
     """Each candidate's validation scores (higher = more abnormal)."""
     _, f1_tr, f2_tr = features(net, train_images)
     logit, f1, f2 = features(net, val_images)
-    return {"logit": logit, "gde": LedoitWolf().fit(f1_tr).mahalanobis(f1), "gde2": LedoitWolf().fit(f2_tr).mahalanobis(f2)}
+    unit = lambda f: torch.nn.functional.normalize(torch.from_numpy(f), dim=1)  # noqa: E731
+    knn = torch.cdist(unit(f1), unit(f1_tr)).topk(5, 1, largest=False).values.mean(1).numpy()
+    return {"logit": logit, "gde": LedoitWolf().fit(f1_tr).mahalanobis(f1), "gde2": LedoitWolf().fit(f2_tr).mahalanobis(f2),
+            "knn": knn}
 
 
 def run_terms(run: str) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
