@@ -1,0 +1,158 @@
+"""Issue 14, session 15: in-painting as the score (RIAD's recipe; the direction SQUID and SimSID take with a memory):
+a U-Net learns to fill masked squares of normal films from their context; a film whose squares it fills badly is
+abnormal. Validation only; the test split is never loaded.
+
+The GAN's U sees the whole film, and its skips copy an abnormality through. An in-painter never sees the square it
+fills, so an opacity there cannot be copied; it has to be predicted from normal anatomy around it. Training films are
+drawn as `train` draws S's (the `detect` preset's jitter, imaging chain again, display curve), without lesions; each
+gets a random share of its `--patch`-px squares masked (25-75%), and the loss is the L1 error on the masked pixels.
+Scoring fills the film in two passes with complementary checkerboards of squares (each pixel masked once), so it
+costs two U-Net passes per film. Every `--eval-every` steps the averaged weights (EMA) are read on validation:
+
+- `inp_mean`: mean absolute in-painting error over the film;
+- `inp_lung`: the same inside each film's lung mask (the `detect` preset's masks, from the training normals);
+- `inp_top`:  mean of the largest 2% of the error map, blurred (sigma 1.5 px) first.
+
+With `--run RUN` (a trained `detect` run on the same set), each candidate is joined with the run's `auto` terms as
+explore_classifier.py does: `with_<c>` and the cross-fitted gain `xfit_<c>` at the last reading.
+
+The rule, written before any number of it existed (session 15), as for explore_classifier.py: the last reading
+counts. Pursue a candidate (a term, 3 seeds on both sets) iff on NIH seed 0 its cross-fitted gain is at least +0.02
+and on pediatric seed 0 not below -0.005. Two U-Net passes at width 16 cost about 0.7x `best`'s scoring (S's one
+pass is 0.34x), which with S's 1.34x leaves `detect` at about 2x, the cap: a pass would also need a cheaper in-painter.
+
+    python research/explore_inpaint.py --data csv:../shared/data/nih-pneumonia-128/manifest.csv \
+        --run runs/x14c15/nih-det16-s0 --out runs/x14c15/inp-nih-s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from explore_classifier import crossfit_gain, run_terms, with_candidate  # research/: run as a script
+from explore_detect import UNet
+
+from cxr_oneclass.config import resolve
+from cxr_oneclass.data.specs import load_dataset
+from cxr_oneclass.data.synthetic import _blur, jitter, lung_masks, population_lung_mask, reacquire, relut
+from cxr_oneclass.metrics import auc
+
+
+def squares(b: int, size: int, patch: int, share: torch.Tensor) -> torch.Tensor:
+    """(B, 1, size, size) masks: each patch-px square masked with probability share[i] (1 = masked)."""
+    cells = size // patch
+    keep = (torch.rand(b, 1, cells, cells) < share.view(b, 1, 1, 1)).float()
+    return F.interpolate(keep, scale_factor=patch, mode="nearest")
+
+
+def checkerboards(size: int, patch: int) -> list[torch.Tensor]:
+    cells = size // patch
+    ij = torch.arange(cells).view(-1, 1) + torch.arange(cells).view(1, -1)
+    first = F.interpolate((ij % 2 == 0).float()[None, None], scale_factor=patch, mode="nearest")
+    return [first, 1 - first]
+
+
+def fill(net: UNet, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The in-painter's film: masked pixels predicted from the rest. x, mask (B, 1, H, W) in [0, 1]."""
+    inp = torch.cat([(x * 2 - 1) * (1 - mask), mask], 1)
+    return torch.sigmoid(net(inp)[0])
+
+
+@torch.no_grad()
+def error_maps(net: UNet, images: np.ndarray, patch: int, bs: int = 128) -> torch.Tensor:
+    """|film - in-painted film|, every pixel filled once by the two checkerboards; (N, 1, H, W)."""
+    net.eval()
+    out = []
+    for s in range(0, len(images), bs):
+        x = torch.from_numpy(images[s : s + bs]).float().div(255).unsqueeze(1)
+        filled = torch.zeros_like(x)
+        for m in checkerboards(x.shape[-1], patch):
+            m = m.expand_as(x)
+            filled += fill(net, x, m) * m
+        out.append((x - filled).abs())
+    net.train()
+    return torch.cat(out)
+
+
+def read(net: UNet, images: np.ndarray, lungs: np.ndarray, patch: int) -> dict[str, np.ndarray]:
+    err = error_maps(net, images, patch)
+    flat = _blur(err, 1.5).flatten(1)
+    k = max(1, int(flat.shape[1] * 0.02))
+    lw = torch.from_numpy(lungs).flatten(1)
+    return {"inp_mean": err.flatten(1).mean(1).numpy(), "inp_lung": ((err.flatten(1) * lw).sum(1) / lw.sum(1)).numpy(),
+            "inp_top": flat.topk(k, 1).values.mean(1).numpy()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--bs", type=int, default=32)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--run", default="")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    cfg = resolve("detect")
+    ds = load_dataset(a.data, a.size, splits=("train", "val"))
+    train, val = ds["train"], ds["val"]
+    y = val.labels
+    joined = run_terms(a.run) if a.run else None
+    if joined is not None:
+        assert np.array_equal(joined[0], y), "the run's validation split is not this one"
+        base = auc(y, sum(joined[1][k] for k in joined[2].split("+")))
+        print(json.dumps({"run": a.run, "shipped": joined[2], "shipped_auc": round(base, 4)}), flush=True)
+    lungs = torch.from_numpy(lung_masks(train.images, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)
+    lungs_val = lung_masks(val.images, population_lung_mask(train.images), keep=cfg.lung_keep)
+    films = torch.from_numpy(train.images).float().div(255).unsqueeze(1)
+    net = UNet(2, 1, a.width)
+    ema = copy.deepcopy(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
+    t0, hist = time.time(), []
+    for step in range(1, a.steps + 1):
+        idx = torch.randint(0, len(films), (a.bs,), generator=gen)
+        x, _ = jitter(films[idx], lungs[idx], gen, cfg.detector_jitter)
+        x = relut(reacquire(x, gen, cfg.acquisition_p), gen, cfg.lut_p)
+        m = squares(a.bs, a.size, a.patch, 0.25 + 0.5 * torch.rand(a.bs, generator=gen))
+        loss = ((fill(net, x, m) - x).abs() * m).sum() / m.sum().clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = a.ema if step > a.eval_every else 0.0
+            for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
+                pe.copy_(pe * d + pl * (1 - d) if pe.is_floating_point() else pl)
+        if step % a.eval_every == 0 or step == a.steps:
+            scores = read(ema, val.images, lungs_val, a.patch)
+            row = {"step": step, "loss": round(float(loss.detach()), 4), "sec": round(time.time() - t0, 1),
+                   **{k: round(auc(y, v), 4) for k, v in scores.items()}}
+            if joined is not None:
+                for k, v in scores.items():
+                    chosen, value = with_candidate(y, joined[1], k, v)
+                    row[f"with_{k}"] = [chosen, round(value, 4)]
+                    if step == a.steps:
+                        row[f"xfit_{k}"] = round(crossfit_gain(y, joined[1], k, v), 4)
+            hist.append(row)
+            print(json.dumps(row), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "history": hist}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
