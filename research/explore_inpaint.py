@@ -14,7 +14,9 @@ costs two U-Net passes per film. Every `--eval-every` steps the averaged weights
 - `inp_top`:  mean of the largest 2% of the error map, blurred (sigma 1.5 px) first.
 
 With `--run RUN` (a trained `detect` run on the same set), each candidate is joined with the run's `auto` terms as
-explore_classifier.py does: `with_<c>` and the cross-fitted gain `xfit_<c>` at the last reading.
+explore_classifier.py does: `with_<c>` and the cross-fitted gain `xfit_<c>` at the last reading. `--controls` first
+reads, the same way, what needs no learning: `lung_grey` (the mean grey inside each film's lung mask: an opaque lung is
+brighter) and the untrained in-painter's candidates (step 0), to tell what in-painting adds beyond brightness.
 
 The rule, written before any number of it existed (session 15), as for explore_classifier.py: the last reading
 counts. Pursue a candidate (a term, 3 seeds on both sets) iff on NIH seed 0 its cross-fitted gain is at least +0.02
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--run", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--controls", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
@@ -121,8 +124,19 @@ def main() -> None:
     net = UNet(2, 1, a.width)
     ema = copy.deepcopy(net)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(1, a.steps), pct_start=0.1)
     t0, hist = time.time(), []
+    if a.controls and joined is not None:
+        lw = torch.from_numpy(lungs_val).flatten(1)
+        grey = torch.from_numpy(val.images).float().div(255).flatten(1)
+        controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(),
+                    **{f"untrained_{k}": v for k, v in read(ema, val.images, lungs_val, a.patch).items()}}
+        row = {"step": 0, **{k: round(auc(y, v), 4) for k, v in controls.items()},
+               **{f"xfit_{k}": round(crossfit_gain(y, joined[1], k, v), 4) for k, v in controls.items()}}
+        hist.append(row)
+        print(json.dumps(row), flush=True)
+        if a.steps == 0:
+            return
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(films), (a.bs,), generator=gen)
         x, _ = jitter(films[idx], lungs[idx], gen, cfg.detector_jitter)
