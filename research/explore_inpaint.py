@@ -91,6 +91,14 @@ def read(net: UNet, images: np.ndarray, lungs: np.ndarray, patch: int) -> dict[s
             "inp_top": flat.topk(k, 1).values.mean(1).numpy()}
 
 
+def by_view(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Each score's AUC within each view (NIH: view is confounded with label, AP normals against PA pneumonia)."""
+    if "view" not in meta:
+        return {}
+    views = np.array(meta["view"])
+    return {v: {k: round(auc(y[views == v], s[views == v]), 4) for k, s in scores.items()} for v in sorted(set(views))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -132,7 +140,8 @@ def main() -> None:
         controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(),
                     **{f"untrained_{k}": v for k, v in read(ema, val.images, lungs_val, a.patch).items()}}
         row = {"step": 0, **{k: round(auc(y, v), 4) for k, v in controls.items()},
-               **{f"xfit_{k}": round(crossfit_gain(y, joined[1], k, v), 4) for k, v in controls.items()}}
+               **{f"xfit_{k}": round(crossfit_gain(y, joined[1], k, v), 4) for k, v in controls.items()},
+               "by_view": by_view(y, controls, val.meta)}
         hist.append(row)
         print(json.dumps(row), flush=True)
         if a.steps == 0:
@@ -161,6 +170,11 @@ def main() -> None:
                     row[f"with_{k}"] = [chosen, round(value, 4)]
                     if step == a.steps:
                         row[f"xfit_{k}"] = round(crossfit_gain(y, joined[1], k, v), 4)
+            if step == a.steps:
+                shipped = sum(joined[1][k] for k in joined[2].split("+")) if joined is not None else None
+                extra = {"shipped": shipped} if shipped is not None else {}
+                row["by_view"] = by_view(y, {**scores, **extra}, val.meta)
+                row["scores"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
             hist.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
