@@ -11,7 +11,11 @@ costs two U-Net passes per film. Every `--eval-every` steps the averaged weights
 
 - `inp_mean`: mean absolute in-painting error over the film;
 - `inp_lung`: the same inside each film's lung mask (the `detect` preset's masks, from the training normals);
-- `inp_top`:  mean of the largest 2% of the error map, blurred (sigma 1.5 px) first.
+- `inp_top`:  mean of the largest 2% of the error map, blurred (sigma 1.5 px) first;
+- `inp_bright`, `inp_bright_top`: the same two on the signed error's bright part only (the film brighter than its
+  in-painting: an opacity where context predicts aerated lung), added in session 15 after the first reading showed
+  `inp_lung` running in opposite directions on the two sets (higher on NIH's abnormal films, lower on the pediatric
+  set's) and before any number of these two existed.
 
 With `--run RUN` (a trained `detect` run on the same set), each candidate is joined with the run's `auto` terms as
 explore_classifier.py does: `with_<c>` and the cross-fitted gain `xfit_<c>` at the last reading. `--controls` first
@@ -68,7 +72,7 @@ def fill(net: UNet, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def error_maps(net: UNet, images: np.ndarray, patch: int, bs: int = 128) -> torch.Tensor:
-    """|film - in-painted film|, every pixel filled once by the two checkerboards; (N, 1, H, W)."""
+    """film - in-painted film (signed), every pixel filled once by the two checkerboards; (N, 1, H, W)."""
     net.eval()
     out = []
     for s in range(0, len(images), bs):
@@ -77,18 +81,25 @@ def error_maps(net: UNet, images: np.ndarray, patch: int, bs: int = 128) -> torc
         for m in checkerboards(x.shape[-1], patch):
             m = m.expand_as(x)
             filled += fill(net, x, m) * m
-        out.append((x - filled).abs())
+        out.append(x - filled)
     net.train()
     return torch.cat(out)
 
 
 def read(net: UNet, images: np.ndarray, lungs: np.ndarray, patch: int) -> dict[str, np.ndarray]:
-    err = error_maps(net, images, patch)
-    flat = _blur(err, 1.5).flatten(1)
-    k = max(1, int(flat.shape[1] * 0.02))
+    signed = error_maps(net, images, patch)
     lw = torch.from_numpy(lungs).flatten(1)
-    return {"inp_mean": err.flatten(1).mean(1).numpy(), "inp_lung": ((err.flatten(1) * lw).sum(1) / lw.sum(1)).numpy(),
-            "inp_top": flat.topk(k, 1).values.mean(1).numpy()}
+    out = {}
+    for name, err in (("inp", signed.abs()), ("inp_bright", signed.clamp_min(0))):
+        flat = _blur(err, 1.5).flatten(1)
+        k = max(1, int(flat.shape[1] * 0.02))
+        if name == "inp":
+            out["inp_mean"] = err.flatten(1).mean(1).numpy()
+            out["inp_lung"] = ((err.flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
+        else:
+            out["inp_bright"] = ((err.flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
+        out[f"{name}_top"] = flat.topk(k, 1).values.mean(1).numpy()
+    return out
 
 
 def by_view(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict[str, list[str]]) -> dict[str, dict[str, float]]:
