@@ -15,7 +15,12 @@ costs two U-Net passes per film. Every `--eval-every` steps the averaged weights
 - `inp_bright`, `inp_bright_top`: the same two on the signed error's bright part only (the film brighter than its
   in-painting: an opacity where context predicts aerated lung), added in session 15 after the first reading showed
   `inp_lung` running in opposite directions on the two sets (higher on NIH's abnormal films, lower on the pediatric
-  set's) and before any number of these two existed.
+  set's) and before any number of these two existed;
+- `<c>_2s` (for inp_lung and inp_bright): two-sided, |c - median| / (IQR/1.349) of the validation normals: a film whose
+  lungs in-paint either much worse or much better than normal ones is abnormal. Added after seed 0 of both sets
+  showed both candidates running in opposite directions on the two sets (NIH's abnormal films in-paint worse, the
+  pediatric set's better: lung texture, not a lesion), before seeds 1-2; `--rescore JSON` reads them from a finished
+  run's saved scores (seed 0).
 
 With `--run RUN` (a trained `detect` run on the same set), each candidate is joined with the run's `auto` terms as
 explore_classifier.py does: `with_<c>` and the cross-fitted gain `xfit_<c>` at the last reading. `--controls` first
@@ -48,6 +53,7 @@ from cxr_oneclass.config import resolve
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.synthetic import _blur, jitter, lung_masks, population_lung_mask, reacquire, relut
 from cxr_oneclass.metrics import auc
+from cxr_oneclass.scoring.stats import robust_center_scale
 
 
 def squares(b: int, size: int, patch: int, share: torch.Tensor) -> torch.Tensor:
@@ -102,12 +108,42 @@ def read(net: UNet, images: np.ndarray, lungs: np.ndarray, patch: int) -> dict[s
     return out
 
 
+TWO_SIDED = ("inp_lung", "inp_bright")
+
+
+def two_sided(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """scores plus the two-sided versions of TWO_SIDED, standardised on the validation normals."""
+    out = dict(scores)
+    for k in TWO_SIDED:
+        c, sc = robust_center_scale(scores[k][y == 0])
+        out[f"{k}_2s"] = np.abs((scores[k] - c) / sc)
+    return out
+
+
 def by_view(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict[str, list[str]]) -> dict[str, dict[str, float]]:
     """Each score's AUC within each view (NIH: view is confounded with label, AP normals against PA pneumonia)."""
     if "view" not in meta:
         return {}
     views = np.array(meta["view"])
     return {v: {k: round(auc(y[views == v], s[views == v]), 4) for k, s in scores.items()} for v in sorted(set(views))}
+
+
+def rescore(path: str, run: str) -> None:
+    """The last reading of a finished run (its saved scores) with the two-sided candidates, rewritten in place."""
+    doc = json.load(open(path))
+    row = doc["history"][-1]
+    y, z, chosen = run_terms(run)
+    scores = two_sided(y, {k: np.array(v) for k, v in row["scores"].items()})
+    for k in scores:
+        if k not in row:
+            row[k] = round(auc(y, scores[k]), 4)
+            best, value = with_candidate(y, z, k, scores[k])
+            row[f"with_{k}"] = [best, round(value, 4)]
+            row[f"xfit_{k}"] = round(crossfit_gain(y, z, k, scores[k]), 4)
+            row["scores"][k] = [round(float(x), 6) for x in scores[k]]
+    print(json.dumps({k: v for k, v in row.items() if k != "scores"}))
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def main() -> None:
@@ -125,7 +161,11 @@ def main() -> None:
     ap.add_argument("--run", default="")
     ap.add_argument("--out", default="")
     ap.add_argument("--controls", action="store_true")
+    ap.add_argument("--rescore", default="", help="a finished run's JSON: its saved last scores read again with --run")
     a = ap.parse_args()
+    if a.rescore:
+        rescore(a.rescore, a.run)
+        return
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     cfg = resolve("detect")
@@ -172,7 +212,7 @@ def main() -> None:
             for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
                 pe.copy_(pe * d + pl * (1 - d) if pe.is_floating_point() else pl)
         if step % a.eval_every == 0 or step == a.steps:
-            scores = read(ema, val.images, lungs_val, a.patch)
+            scores = two_sided(y, read(ema, val.images, lungs_val, a.patch))
             row = {"step": step, "loss": round(float(loss.detach()), 4), "sec": round(time.time() - t0, 1),
                    **{k: round(auc(y, v), 4) for k, v in scores.items()}}
             if joined is not None:
