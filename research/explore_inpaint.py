@@ -25,7 +25,9 @@ costs two U-Net passes per film. Every `--eval-every` steps the averaged weights
 With `--run RUN` (a trained `detect` run on the same set), each candidate is joined with the run's `auto` terms as
 explore_classifier.py does: `with_<c>` and the cross-fitted gain `xfit_<c>` at the last reading. `--controls` first
 reads, the same way, what needs no learning: `lung_grey` (the mean grey inside each film's lung mask: an opaque lung is
-brighter) and the untrained in-painter's candidates (step 0), to tell what in-painting adds beyond brightness.
+brighter) and the untrained in-painter's candidates (step 0), to tell what in-painting adds beyond brightness; and
+(added after seeds 0-1 of NIH, before its numbers) `lung_hf`, the mean |film - film blurred (sigma 1.5 px)| inside
+the lung mask: the lungs' fine texture, which is what the in-painter cannot predict, with no network at all.
 
 The rule, written before any number of it existed (session 15), as for explore_classifier.py: the last reading
 counts. Pursue a candidate (a term, 3 seeds on both sets) iff on NIH seed 0 its cross-fitted gain is at least +0.02
@@ -188,7 +190,9 @@ def main() -> None:
     if a.controls and joined is not None:
         lw = torch.from_numpy(lungs_val).flatten(1)
         grey = torch.from_numpy(val.images).float().div(255).flatten(1)
-        controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(),
+        films_val = torch.from_numpy(val.images).float().div(255).unsqueeze(1)
+        hf = (films_val - _blur(films_val, 1.5)).abs().flatten(1)
+        controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(), "lung_hf": ((hf * lw).sum(1) / lw.sum(1)).numpy(),
                     **{f"untrained_{k}": v for k, v in read(ema, val.images, lungs_val, a.patch).items()}}
         row = {"step": 0, **{k: round(auc(y, v), 4) for k, v in controls.items()},
                **{f"xfit_{k}": round(crossfit_gain(y, joined[1], k, v), 4) for k, v in controls.items()},
