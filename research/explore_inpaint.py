@@ -200,6 +200,9 @@ def main() -> None:
         hist.append(row)
         print(json.dumps(row), flush=True)
         if a.steps == 0:
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump({"args": vars(a), "history": hist}, f, indent=1)
             return
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(films), (a.bs,), generator=gen)
