@@ -26,8 +26,8 @@ def main() -> None:
     print("| candidate | alone | shipped with it | cross-fitted gain |")
     print("|---|---|---|---|")
     for n in names:
-        print(f"| {n} | {cell([r[n] for r in last])} | {cell([r['with_' + n][1] for r in last])} | "
-              f"{cell([r['xfit_' + n] for r in last])} |")
+        shipped = cell([r["with_" + n][1] for r in last]) if "with_" + n in last[0] else "–"  # controls: none
+        print(f"| {n} | {cell([r[n] for r in last])} | {shipped} | {cell([r['xfit_' + n] for r in last])} |")
     if all("by_view" in r and r["by_view"] for r in last):
         for view in last[0]["by_view"]:
             print(f"view {view}: " + ", ".join(f"{k} {np.mean([r['by_view'][view][k] for r in last]):.3f}"
