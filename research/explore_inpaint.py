@@ -16,6 +16,8 @@ costs two U-Net passes per film. Every `--eval-every` steps the averaged weights
   in-painting: an opacity where context predicts aerated lung), added in session 15 after the first reading showed
   `inp_lung` running in opposite directions on the two sets (higher on NIH's abnormal films, lower on the pediatric
   set's) and before any number of these two existed;
+- with `--shifts`: the shipped score with and without inp_lung, inp_bright and lung_hf under the 11 simulated and
+  7 held-out acquisition shifts (`data/acquisition.py`), each `auto` choosing on the films as they are;
 - `<c>_2s` (for inp_lung and inp_bright): two-sided, |c - median| / (IQR/1.349) of the validation normals: a film whose
   lungs in-paint either much worse or much better than normal ones is abnormal. Added after seed 0 of both sets
   showed both candidates running in opposite directions on the two sets (NIH's abnormal films in-paint worse, the
@@ -148,6 +150,33 @@ def rescore(path: str, run: str) -> None:
         json.dump(doc, f, indent=1)
 
 
+def lung_hf(images: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """Mean |film - film blurred (sigma 1.5 px)| inside the lung masks: the lungs' fine texture."""
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    lw = torch.from_numpy(lungs).flatten(1)
+    return (((x - _blur(x, 1.5)).abs().flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
+
+
+def shift_read(net: UNet, run: str, lungs: np.ndarray, patch: int) -> dict[str, dict[str, float]]:
+    """The run's shipped score with and without each of inp_lung, inp_bright and lung_hf, `auto` choosing on the
+    validation films as they are, read under every simulated and held-out acquisition shift (mean AUC per family),
+    as detector_pair.py reads an arm: a term that reads scanner texture instead of disease falls under them."""
+    from detector_pair import read_arm, shifted_components
+    from shift_robustness import run_and_val
+
+    model, _, val = run_and_val(run)
+    y = val.labels
+    center, scale, films, comps = shifted_components(model, val.images)
+    for name, f in films.items():
+        got = read(net, f, lungs, patch)
+        comps[name].update(inp_lung=got["inp_lung"], inp_bright=got["inp_bright"], lung_hf=lung_hf(f, lungs))
+    out = {"base": read_arm(y, comps, center, scale)[1]}  # read_arm ignores terms outside center
+    for k in ("inp_lung", "inp_bright", "lung_hf"):
+        c, sc = robust_center_scale(comps["none"][k][y == 0])
+        out[k] = read_arm(y, comps, {**center, k: c}, {**scale, k: sc})[1]
+    return {arm: {fam: round(v, 4) for fam, v in fams.items()} for arm, fams in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -163,6 +192,7 @@ def main() -> None:
     ap.add_argument("--run", default="")
     ap.add_argument("--out", default="")
     ap.add_argument("--controls", action="store_true")
+    ap.add_argument("--shifts", action="store_true", help="with --run: the last reading under acquisition shifts")
     ap.add_argument("--rescore", default="", help="a finished run's JSON: its saved last scores read again with --run")
     a = ap.parse_args()
     if a.rescore:
@@ -233,6 +263,8 @@ def main() -> None:
                 extra = {"shipped": shipped} if shipped is not None else {}
                 row["by_view"] = by_view(y, {**scores, **extra}, val.meta)
                 row["scores"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
+                if a.shifts and a.run:
+                    row["shifts"] = shift_read(ema, a.run, lungs_val, a.patch)
             hist.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
