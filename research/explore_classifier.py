@@ -137,12 +137,12 @@ def crossfit_gain(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndar
     return float(np.mean(gains))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def common_args(ap: argparse.ArgumentParser, batch: int) -> None:
+    """The flags explore_classifier.py and explore_inpaint.py share."""
     ap.add_argument("--data", required=True)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--bs", type=int, default=64)
+    ap.add_argument("--bs", type=int, default=batch)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.99)
@@ -150,11 +150,11 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--run", default="", help="a trained detect run on the same set: candidates joined with its terms")
     ap.add_argument("--out", default="")
-    a = ap.parse_args()
+
+
+def start(a: argparse.Namespace):
+    """Seeded; the `detect` config, the train and validation splits, their labels and the run's terms (or None)."""
     torch.manual_seed(a.seed)
-    torch.set_num_threads(2)
-    gen = torch.Generator().manual_seed(a.seed)
-    cfg = resolve("detect")
     ds = load_dataset(a.data, a.size, splits=("train", "val"))
     train, val = ds["train"], ds["val"]
     y = val.labels
@@ -164,6 +164,39 @@ def main() -> None:
         base = auc(y, sum(joined[1][k] for k in joined[2].split("+")))
         print(json.dumps({"run": a.run, "shipped": joined[2], "shipped_auc": round(base, 4),
                           **{k: round(auc(y, v), 4) for k, v in joined[1].items()}}), flush=True)
+    return resolve("detect"), train, val, y, joined
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
+        pe.copy_(pe * decay + pl * (1 - decay) if pe.is_floating_point() else pl)
+
+
+def join(row: dict, scores: dict[str, np.ndarray], y: np.ndarray, joined, last: bool) -> None:
+    """Each candidate's `with_` (auto choosing with it) into `row`, and at the last reading its `xfit_`."""
+    if joined is None:
+        return
+    for k, v in scores.items():
+        chosen, value = with_candidate(y, joined[1], k, v)
+        row[f"with_{k}"] = [chosen, round(value, 4)]
+        if last:
+            row[f"xfit_{k}"] = round(crossfit_gain(y, joined[1], k, v), 4)
+
+
+def write(a: argparse.Namespace, hist: list[dict]) -> None:
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "history": hist}, f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    common_args(ap, batch=64)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    cfg, train, val, y, joined = start(a)
+    gen = torch.Generator().manual_seed(a.seed)
     lungs = torch.from_numpy(lung_masks(train.images, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)
     films = torch.from_numpy(train.images).float().div(255).unsqueeze(1)
     lesions = Lesions(gen=gen, p_abnormal=0.5, mix=lesion_mix(cfg.lesion_kinds))
@@ -184,25 +217,15 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            d = a.ema if step > a.eval_every else 0.0
-            for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
-                pe.copy_(pe * d + pl * (1 - d) if pe.is_floating_point() else pl)
+        ema_update(ema, net, a.ema if step > a.eval_every else 0.0)
         if step % a.eval_every == 0 or step == a.steps:
             scores = read(ema, train.images, val.images)
             row = {"step": step, "loss": round(float(loss.detach()), 4), "sec": round(time.time() - t0, 1),
                    **{k: round(auc(y, v), 4) for k, v in scores.items()}}
-            if joined is not None:
-                for k, v in scores.items():
-                    chosen, value = with_candidate(y, joined[1], k, v)
-                    row[f"with_{k}"] = [chosen, round(value, 4)]
-                    if step == a.steps:
-                        row[f"xfit_{k}"] = round(crossfit_gain(y, joined[1], k, v), 4)
+            join(row, scores, y, joined, step == a.steps)
             hist.append(row)
             print(json.dumps(row), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "history": hist}, f, indent=1)
+    write(a, hist)
 
 
 if __name__ == "__main__":

@@ -50,11 +50,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from explore_classifier import crossfit_gain, run_terms, with_candidate  # research/: run as a script
+from explore_classifier import common_args, crossfit_gain, ema_update, join, run_terms, start, with_candidate, write  # research/
 from explore_detect import UNet
 
-from cxr_oneclass.config import resolve
-from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.synthetic import _blur, jitter, lung_masks, population_lung_mask, reacquire, relut
 from cxr_oneclass.metrics import auc
 from cxr_oneclass.scoring.stats import robust_center_scale
@@ -179,18 +177,8 @@ def shift_read(net: UNet, run: str, lungs: np.ndarray, patch: int) -> dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--bs", type=int, default=32)
-    ap.add_argument("--width", type=int, default=16)
+    common_args(ap, batch=32)
     ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=0.99)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--run", default="")
-    ap.add_argument("--out", default="")
     ap.add_argument("--controls", action="store_true")
     ap.add_argument("--shifts", action="store_true", help="with --run: the last reading under acquisition shifts")
     ap.add_argument("--rescore", default="", help="a finished run's JSON: its saved last scores read again with --run")
@@ -198,17 +186,8 @@ def main() -> None:
     if a.rescore:
         rescore(a.rescore, a.run)
         return
-    torch.manual_seed(a.seed)
+    cfg, train, val, y, joined = start(a)
     gen = torch.Generator().manual_seed(a.seed)
-    cfg = resolve("detect")
-    ds = load_dataset(a.data, a.size, splits=("train", "val"))
-    train, val = ds["train"], ds["val"]
-    y = val.labels
-    joined = run_terms(a.run) if a.run else None
-    if joined is not None:
-        assert np.array_equal(joined[0], y), "the run's validation split is not this one"
-        base = auc(y, sum(joined[1][k] for k in joined[2].split("+")))
-        print(json.dumps({"run": a.run, "shipped": joined[2], "shipped_auc": round(base, 4)}), flush=True)
     lungs = torch.from_numpy(lung_masks(train.images, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)
     lungs_val = lung_masks(val.images, population_lung_mask(train.images), keep=cfg.lung_keep)
     films = torch.from_numpy(train.images).float().div(255).unsqueeze(1)
@@ -220,9 +199,7 @@ def main() -> None:
     if a.controls and joined is not None:
         lw = torch.from_numpy(lungs_val).flatten(1)
         grey = torch.from_numpy(val.images).float().div(255).flatten(1)
-        films_val = torch.from_numpy(val.images).float().div(255).unsqueeze(1)
-        hf = (films_val - _blur(films_val, 1.5)).abs().flatten(1)
-        controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(), "lung_hf": ((hf * lw).sum(1) / lw.sum(1)).numpy(),
+        controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(), "lung_hf": lung_hf(val.images, lungs_val),
                     **{f"untrained_{k}": v for k, v in read(ema, val.images, lungs_val, a.patch).items()}}
         row = {"step": 0, **{k: round(auc(y, v), 4) for k, v in controls.items()},
                **{f"xfit_{k}": round(crossfit_gain(y, joined[1], k, v), 4) for k, v in controls.items()},
@@ -230,10 +207,7 @@ def main() -> None:
         hist.append(row)
         print(json.dumps(row), flush=True)
         if a.steps == 0:
-            if a.out:
-                with open(a.out, "w") as f:
-                    json.dump({"args": vars(a), "history": hist}, f, indent=1)
-            return
+            return write(a, hist)
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(films), (a.bs,), generator=gen)
         x, _ = jitter(films[idx], lungs[idx], gen, cfg.detector_jitter)
@@ -244,20 +218,12 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            d = a.ema if step > a.eval_every else 0.0
-            for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
-                pe.copy_(pe * d + pl * (1 - d) if pe.is_floating_point() else pl)
+        ema_update(ema, net, a.ema if step > a.eval_every else 0.0)
         if step % a.eval_every == 0 or step == a.steps:
             scores = two_sided(y, read(ema, val.images, lungs_val, a.patch))
             row = {"step": step, "loss": round(float(loss.detach()), 4), "sec": round(time.time() - t0, 1),
                    **{k: round(auc(y, v), 4) for k, v in scores.items()}}
-            if joined is not None:
-                for k, v in scores.items():
-                    chosen, value = with_candidate(y, joined[1], k, v)
-                    row[f"with_{k}"] = [chosen, round(value, 4)]
-                    if step == a.steps:
-                        row[f"xfit_{k}"] = round(crossfit_gain(y, joined[1], k, v), 4)
+            join(row, scores, y, joined, step == a.steps)
             if step == a.steps:
                 shipped = sum(joined[1][k] for k in joined[2].split("+")) if joined is not None else None
                 extra = {"shipped": shipped} if shipped is not None else {}
@@ -267,9 +233,7 @@ def main() -> None:
                     row["shifts"] = shift_read(ema, a.run, lungs_val, a.patch)
             hist.append(row)
             print(json.dumps(row), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "history": hist}, f, indent=1)
+    write(a, hist)
 
 
 if __name__ == "__main__":
