@@ -167,10 +167,15 @@ def start(a: argparse.Namespace):
     return resolve("detect"), train, val, y, joined
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
-        pe.copy_(pe * decay + pl * (1 - decay) if pe.is_floating_point() else pl)
+def optimise(loss: torch.Tensor, opt, sched, ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """One step of `net` on `loss`, then its weights' moving average `ema` (decay 0: a copy)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for pe, pl in zip(ema.state_dict().values(), net.state_dict().values()):
+            pe.copy_(pe * decay + pl * (1 - decay) if pe.is_floating_point() else pl)
 
 
 def join(row: dict, scores: dict[str, np.ndarray], y: np.ndarray, joined, last: bool) -> None:
@@ -213,11 +218,7 @@ def main() -> None:
         x_bad = relut(reacquire(x_bad, gen, cfg.acquisition_p), gen, cfg.lut_p)
         logit, _ = net(x_bad * 2 - 1)
         loss = F.binary_cross_entropy_with_logits(logit, label)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema_update(ema, net, a.ema if step > a.eval_every else 0.0)
+        optimise(loss, opt, sched, ema, net, a.ema if step > a.eval_every else 0.0)
         if step % a.eval_every == 0 or step == a.steps:
             scores = read(ema, train.images, val.images)
             row = {"step": step, "loss": round(float(loss.detach()), 4), "sec": round(time.time() - t0, 1),

@@ -50,7 +50,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from explore_classifier import common_args, crossfit_gain, ema_update, join, run_terms, start, with_candidate, write  # research/
+from explore_classifier import common_args, crossfit_gain, join, optimise, run_terms, start, with_candidate, write  # research/
 from explore_detect import UNet
 
 from cxr_oneclass.data.synthetic import _blur, jitter, lung_masks, population_lung_mask, reacquire, relut
@@ -214,11 +214,7 @@ def main() -> None:
         x = relut(reacquire(x, gen, cfg.acquisition_p), gen, cfg.lut_p)
         m = squares(a.bs, a.size, a.patch, 0.25 + 0.5 * torch.rand(a.bs, generator=gen))
         loss = ((fill(net, x, m) - x).abs() * m).sum() / m.sum().clamp_min(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema_update(ema, net, a.ema if step > a.eval_every else 0.0)
+        optimise(loss, opt, sched, ema, net, a.ema if step > a.eval_every else 0.0)
         if step % a.eval_every == 0 or step == a.steps:
             scores = two_sided(y, read(ema, val.images, lungs_val, a.patch))
             row = {"step": step, "loss": round(float(loss.detach()), 4), "sec": round(time.time() - t0, 1),
