@@ -113,10 +113,15 @@ def run_terms(run: str) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     return val.labels, z, chosen
 
 
+def standardise(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """A candidate in the units `train` gives a term: (s - median) / (IQR/1.349) of the validation normals."""
+    c, sc = robust_center_scale(s[y == 0])
+    return (s - c) / sc
+
+
 def with_candidate(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray) -> tuple[str, float]:
     """`auto` choosing again with candidate `s` as one more term, standardised on the validation normals."""
-    c, sc = robust_center_scale(s[y == 0])
-    sums = candidate_sums({**z, name: (s - c) / sc})
+    sums = candidate_sums({**z, name: standardise(y, s)})
     table = {k: auc(y, v) for k, v in sums.items()}
     best = best_candidate(table)
     return best, table[best]
@@ -126,8 +131,7 @@ def crossfit_gain(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndar
     """Mean over halvings of (auto with c) - (auto without c), each chosen on one half and read on the other."""
     from selection_crossfit import random_half
 
-    c, sc = robust_center_scale(s[y == 0])
-    without, with_c = candidate_sums(z), candidate_sums({**z, name: (s - c) / sc})
+    without, with_c = candidate_sums(z), candidate_sums({**z, name: standardise(y, s)})
     rng, gains = np.random.default_rng(seed), []
     for _ in range(XFIT_REPEATS):
         half = random_half(y, rng)
@@ -211,7 +215,6 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
     t0, hist = time.time(), []
     for step in range(1, a.steps + 1):
-        net.train()
         idx = torch.randint(0, len(films), (a.bs,), generator=gen)
         x, lung = jitter(films[idx], lungs[idx], gen, cfg.detector_jitter)
         x_bad, _, label = lesions(x, lung)

@@ -50,7 +50,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from explore_classifier import common_args, crossfit_gain, join, optimise, run_terms, start, with_candidate, write  # research/
+from explore_classifier import common_args, crossfit_gain, join, optimise, run_terms, standardise, start, with_candidate, write  # research/
 from explore_detect import UNet
 
 from cxr_oneclass.data.synthetic import _blur, jitter, lung_masks, population_lung_mask, reacquire, relut
@@ -90,24 +90,26 @@ def error_maps(net: UNet, images: np.ndarray, patch: int, bs: int = 128) -> torc
             m = m.expand_as(x)
             filled += fill(net, x, m) * m
         out.append(x - filled)
-    net.train()
     return torch.cat(out)
+
+
+def lung_mean(maps: torch.Tensor, lungs: np.ndarray) -> np.ndarray:
+    """Each (N, 1, H, W) map's mean weighted by its film's lung mask (N, H, W)."""
+    lw = torch.from_numpy(lungs).flatten(1)
+    return ((maps.flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
+
+
+def top2(maps: torch.Tensor) -> np.ndarray:
+    """Mean of the largest 2% of each map, blurred (sigma 1.5 px) first."""
+    flat = _blur(maps, 1.5).flatten(1)
+    return flat.topk(max(1, int(flat.shape[1] * 0.02)), 1).values.mean(1).numpy()
 
 
 def read(net: UNet, images: np.ndarray, lungs: np.ndarray, patch: int) -> dict[str, np.ndarray]:
     signed = error_maps(net, images, patch)
-    lw = torch.from_numpy(lungs).flatten(1)
-    out = {}
-    for name, err in (("inp", signed.abs()), ("inp_bright", signed.clamp_min(0))):
-        flat = _blur(err, 1.5).flatten(1)
-        k = max(1, int(flat.shape[1] * 0.02))
-        if name == "inp":
-            out["inp_mean"] = err.flatten(1).mean(1).numpy()
-            out["inp_lung"] = ((err.flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
-        else:
-            out["inp_bright"] = ((err.flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
-        out[f"{name}_top"] = flat.topk(k, 1).values.mean(1).numpy()
-    return out
+    err, bright = signed.abs(), signed.clamp_min(0)
+    return {"inp_mean": err.flatten(1).mean(1).numpy(), "inp_lung": lung_mean(err, lungs), "inp_top": top2(err),
+            "inp_bright": lung_mean(bright, lungs), "inp_bright_top": top2(bright)}
 
 
 TWO_SIDED = ("inp_lung", "inp_bright")
@@ -115,11 +117,7 @@ TWO_SIDED = ("inp_lung", "inp_bright")
 
 def two_sided(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """scores plus the two-sided versions of TWO_SIDED, standardised on the validation normals."""
-    out = dict(scores)
-    for k in TWO_SIDED:
-        c, sc = robust_center_scale(scores[k][y == 0])
-        out[f"{k}_2s"] = np.abs((scores[k] - c) / sc)
-    return out
+    return {**scores, **{f"{k}_2s": np.abs(standardise(y, scores[k])) for k in TWO_SIDED}}
 
 
 def by_view(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict[str, list[str]]) -> dict[str, dict[str, float]]:
@@ -151,8 +149,7 @@ def rescore(path: str, run: str) -> None:
 def lung_hf(images: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     """Mean |film - film blurred (sigma 1.5 px)| inside the lung masks: the lungs' fine texture."""
     x = torch.from_numpy(images).float().div(255).unsqueeze(1)
-    lw = torch.from_numpy(lungs).flatten(1)
-    return (((x - _blur(x, 1.5)).abs().flatten(1) * lw).sum(1) / lw.sum(1)).numpy()
+    return lung_mean((x - _blur(x, 1.5)).abs(), lungs)
 
 
 def shift_read(net: UNet, run: str, lungs: np.ndarray, patch: int) -> dict[str, dict[str, float]]:
@@ -170,7 +167,7 @@ def shift_read(net: UNet, run: str, lungs: np.ndarray, patch: int) -> dict[str, 
         comps[name].update(inp_lung=got["inp_lung"], inp_bright=got["inp_bright"], lung_hf=lung_hf(f, lungs))
     out = {"base": read_arm(y, comps, center, scale)[1]}  # read_arm ignores terms outside center
     for k in ("inp_lung", "inp_bright", "lung_hf"):
-        c, sc = robust_center_scale(comps["none"][k][y == 0])
+        c, sc = robust_center_scale(comps["none"][k][y == 0])  # read_arm standardises with the run's center, scale
         out[k] = read_arm(y, comps, {**center, k: c}, {**scale, k: sc})[1]
     return {arm: {fam: round(v, 4) for fam, v in fams.items()} for arm, fams in out.items()}
 
@@ -197,9 +194,8 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(1, a.steps), pct_start=0.1)
     t0, hist = time.time(), []
     if a.controls and joined is not None:
-        lw = torch.from_numpy(lungs_val).flatten(1)
-        grey = torch.from_numpy(val.images).float().div(255).flatten(1)
-        controls = {"lung_grey": ((grey * lw).sum(1) / lw.sum(1)).numpy(), "lung_hf": lung_hf(val.images, lungs_val),
+        grey = torch.from_numpy(val.images).float().div(255).unsqueeze(1)
+        controls = {"lung_grey": lung_mean(grey, lungs_val), "lung_hf": lung_hf(val.images, lungs_val),
                     **{f"untrained_{k}": v for k, v in read(ema, val.images, lungs_val, a.patch).items()}}
         row = {"step": 0, **{k: round(auc(y, v), 4) for k, v in controls.items()},
                **{f"xfit_{k}": round(crossfit_gain(y, joined[1], k, v), 4) for k, v in controls.items()},
@@ -221,11 +217,10 @@ def main() -> None:
                    **{k: round(auc(y, v), 4) for k, v in scores.items()}}
             join(row, scores, y, joined, step == a.steps)
             if step == a.steps:
-                shipped = sum(joined[1][k] for k in joined[2].split("+")) if joined is not None else None
-                extra = {"shipped": shipped} if shipped is not None else {}
+                extra = {"shipped": sum(joined[1][k] for k in joined[2].split("+"))} if joined is not None else {}
                 row["by_view"] = by_view(y, {**scores, **extra}, val.meta)
                 row["scores"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
-                if a.shifts and a.run:
+                if a.shifts and joined is not None:
                     row["shifts"] = shift_read(ema, a.run, lungs_val, a.patch)
             hist.append(row)
             print(json.dumps(row), flush=True)
