@@ -127,18 +127,23 @@ def with_candidate(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.nda
     return best, table[best]
 
 
-def crossfit_gain(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray, seed: int = 0) -> float:
-    """Mean over halvings of (auto with c) - (auto without c), each chosen on one half and read on the other."""
+def crossfit_delta(y: np.ndarray, sums_a: dict[str, np.ndarray], sums_b: dict[str, np.ndarray], seed: int = 0) -> float:
+    """Mean over halvings of arm b's read AUC minus arm a's, each arm's sum chosen by `auto` on one half and read
+    on the other (both ways). sums_*: candidate sum name -> (N,) scores on the same films."""
     from selection_crossfit import random_half
 
-    without, with_c = candidate_sums(z), candidate_sums({**z, name: standardise(y, s)})
     rng, gains = np.random.default_rng(seed), []
     for _ in range(XFIT_REPEATS):
         half = random_half(y, rng)
         for fit, held in ((half, ~half), (~half, half)):
-            pick = [best_candidate({k: auc(y[fit], v[fit]) for k, v in sums.items()}) for sums in (without, with_c)]
-            gains.append(auc(y[held], with_c[pick[1]][held]) - auc(y[held], without[pick[0]][held]))
+            pick = [best_candidate({k: auc(y[fit], v[fit]) for k, v in sums.items()}) for sums in (sums_a, sums_b)]
+            gains.append(auc(y[held], sums_b[pick[1]][held]) - auc(y[held], sums_a[pick[0]][held]))
     return float(np.mean(gains))
+
+
+def crossfit_gain(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray, seed: int = 0) -> float:
+    """Mean over halvings of (auto with c) - (auto without c), each chosen on one half and read on the other."""
+    return crossfit_delta(y, candidate_sums(z), candidate_sums({**z, name: standardise(y, s)}), seed)
 
 
 def common_args(ap: argparse.ArgumentParser, batch: int) -> None:
