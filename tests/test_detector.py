@@ -90,6 +90,20 @@ def test_detector_learns_lesions_and_repeats_with_its_seed():
     assert all(torch.equal(p, q) for p, q in zip(det.state_dict().values(), det2.state_dict().values()))
 
 
+@pytest.mark.parametrize("steps", [1, 10, 11])
+def test_detector_trains_for_a_handful_of_steps(steps):
+    """Short S trainings (a smoke run, `--detector-steps 10`) train and keep a reading instead of crashing in the
+    learning-rate schedule after the GAN has trained."""
+    normals = (phantom.render(8, size=32, seed=1)[0] * 255).astype(np.uint8)
+    cfg = Config(image_size=32, detector_width=4, detector_steps=steps, detector_batch=4)
+    torch.manual_seed(0)
+    det = Detector(4)
+    before = [p.clone() for p in det.parameters()]
+    history = fit_detector(det, cfg, normals, None, progress=False)
+    assert history[-1]["step"] == steps and np.isfinite(history[-1]["loss"])
+    assert any(not torch.equal(p, q) for p, q in zip(before, det.parameters()))
+
+
 def test_detector_keeps_the_best_validation_reading(det_run):
     rows = [r.split(",") for r in (det_run / "detector_history.csv").read_text().splitlines()[1:]]
     best = max(float(r[3]) for r in rows)

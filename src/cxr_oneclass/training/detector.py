@@ -88,6 +88,14 @@ def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
             e.copy_(b)  # batch-norm running statistics: the live ones (already averages)
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle schedule with a 10% warm-up; a constant rate for runs of 10 steps or fewer, which have no room for
+    a warm-up (torch's OneCycleLR divides by zero there: `--detector-steps 10` crashed after the GAN had trained)."""
+    if steps <= 10:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
 def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
                  progress: bool = True, on_reading: Callable[[int, nn.Module], None] | None = None,
                  stream: int = 0) -> list[dict]:
@@ -111,7 +119,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     for p in ema.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(det.parameters(), lr=cfg.detector_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.detector_lr, total_steps=cfg.detector_steps, pct_start=0.1)
+    sched = one_cycle(opt, cfg.detector_lr, cfg.detector_steps)
     every = max(1, cfg.detector_steps // READINGS)
     can_pick = val is not None and val.n_normal > 0 and val.n_abnormal > 0
     val_films = pick_films(val.images, cfg.detector_pick) if can_pick else {}
