@@ -29,6 +29,11 @@ def test_train_writes_model_config_history(trained_run):
     doc = json.loads((run / "config.json").read_text())
     assert doc["config"]["epochs"] == 2 and doc["config"]["image_size"] == 32
     assert doc["calibration"]["threshold"] is not None and doc["version"]
+    import numpy
+    import torch
+
+    env = doc["environment"]  # what a seed's bit-for-bit repeat depends on beyond the config
+    assert env["torch"] == torch.__version__ and env["numpy"] == numpy.__version__ and env["torch_threads"] == 2
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 2 and float(rows[0]["images_per_s"]) > 0 and "val_auc" in rows[0]
 

@@ -38,6 +38,24 @@ def exact_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def environment() -> dict[str, str | int]:
+    """What a run's numbers depend on beyond its seed and config: on the CPU a seed repeats bit for bit only under
+    the same library versions and kernels (one NIH seed gave validation AUC 0.80 on one machine and install, 0.76 on
+    another; docs/RESULTS.md, issue 14, session 16)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env: dict[str, str | int] = {"python": platform.python_version(), "platform": platform.platform(),
+                                 "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+                                 "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    for pkg in ("torch", "numpy", "pillow", "scipy", "scikit-learn"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover - all are dependencies
+            env[pkg] = "absent"
+    return env
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; returns a generator for the training loop's own randomness."""
     random.seed(seed)

@@ -34,6 +34,7 @@ from ..runs import (
     save_run,
     staged,
 )
+from ..runtime import environment
 from ..scoring.calibration import Calibration
 from ..scoring.inference import score_images
 from ..scoring.population import fit_population
@@ -171,6 +172,7 @@ def _train(cfg: Config, data: str | Dataset, out_dir: Path, part: Path, progress
         "train_seconds": round(result.seconds, 2),
         "val_auc": scored.val_auc,
         "skipped_files": [str(e) for e in ds.skipped],
+        "environment": environment(),  # where a seed's numbers repeat bit for bit
     }
     if scored.selection:
         extra["score_selection"] = scored.selection
