@@ -16,6 +16,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "pre_move"
 # float32 ulp): the scores of both fixtures are still bit for bit, enc moves by 6e-8 and fdist on E's latent by
 # 1.5e-3 (relative), because its whitening magnifies rounding in this 1-epoch, width-4 model's near-constant latent.
 TERM_RTOL = {"enc": 1e-6, "fdist": 5e-3}
+# Bit for bit on the CPU they were made on; an AVX2-only CPU's kernels round float32 differently (scores and sdist
+# moved by about 1e-7, relative, on one in session 16), which is not a change of behaviour.
+KERNEL_RTOL = 1e-6
 
 
 @pytest.mark.parametrize("preset", ["best", "paper"])
@@ -25,9 +28,9 @@ def test_a_run_saved_before_the_move_scores_as_it_did(preset):
     assert not errors and len(results) == len(ref) == 8
     for r in results:
         want = ref[Path(r.source).name]
-        assert r.score == float(want["score"]), r.source  # bit for bit
+        assert r.score == pytest.approx(float(want["score"]), rel=KERNEL_RTOL, abs=KERNEL_RTOL), r.source
         for key, got in r.terms.items():
-            rtol = TERM_RTOL.get(key, 0.0)
+            rtol = TERM_RTOL.get(key, KERNEL_RTOL)
             assert got == pytest.approx(float(want[key]), rel=rtol, abs=rtol), (r.source, key)
 
 
