@@ -17,7 +17,10 @@ the aortic knob and the diaphragm's sides are asymmetric in every film):
    - `asym_top`:  mean of the largest TOP_SHARE of |z| inside the lungs;
    - controls: `asym_raw`, mean |blurred d| in the lungs with no normal model; `atlas_lung`, mean |z| of the
      standardised film itself against the normals' per-pixel mean and std (where a film differs from normal films,
-     with no mirror).
+     with no mirror); `asym_pop`, `asym_lung` inside the population lung mask (the training normals' average
+     lungs, made symmetric) for every film: the form a term takes inside the exported graph, which computes no
+     per-film mask. If `asym_lung` passes, the term is built as `asym_pop` when its cross-fitted gains are within
+     0.005 of `asym_lung`'s on both sets, otherwise with per-film masks.
 
 With `--run RUN` (a trained `detect` run on the same set) every candidate joins the run's `auto` terms as
 explore_classifier.py joins one (standardised on validation normals; `with_`, and the cross-fitted gain `xfit_`), plus
@@ -63,7 +66,7 @@ MAX_SHIFT = 6  # px at 64 px
 SIGMA = 2.0  # px at 64 px
 TOP_SHARE = 0.05
 CANDIDATES = ("asym_lung", "asym_top")
-CONTROLS = ("asym_raw", "atlas_lung")
+CONTROLS = ("asym_raw", "atlas_lung", "asym_pop")
 
 
 def films(images: np.ndarray) -> torch.Tensor:
@@ -111,6 +114,7 @@ class Model:
     """The training normals' per-pixel mean and std of the mirror difference and of the standardised film."""
 
     def __init__(self, train_images: np.ndarray) -> None:
+        self.pop = population_lung_mask(train_images)[None]  # (1, H, W)
         x = films(train_images)
         d = x - mirrored(x)
         self.d_mu, self.d_sd = d.mean(0), self._floor(d.std(0))
@@ -126,7 +130,8 @@ class Model:
         z = _blur((d - self.d_mu) / self.d_sd, SIGMA).abs()
         za = _blur((x - self.x_mu) / self.x_sd, SIGMA).abs()
         return {"asym_lung": masked_mean(z, m), "asym_top": masked_top(z, m),
-                "asym_raw": masked_mean(_blur(d, SIGMA).abs(), m), "atlas_lung": masked_mean(za, m)}
+                "asym_raw": masked_mean(_blur(d, SIGMA).abs(), m), "atlas_lung": masked_mean(za, m),
+                "asym_pop": masked_mean(z, symmetric(self.pop.astype(np.float32)).expand_as(z))}
 
 
 def shipped_with(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray) -> np.ndarray:
