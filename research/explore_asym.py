@@ -39,6 +39,14 @@ choosing it on validation, 3 seeds on both sets) iff all of:
 `asym_lung` is the candidate; `asym_top` the one alternative; the two controls are read to say what the mirror and the
 normal model add, and are not candidates.
 
+Follow-up rule, written after NIH seed 0's reading and before any other (session 17). On NIH seed 0 `asym_lung` failed
+(alone 0.576, cross-fitted -0.005) while the control `atlas_lung` gained +0.017 (alone 0.643). That reading is
+exploration and does not count. `atlas_lung` becomes a candidate by the same (a)-(d), with (a) read on NIH seeds 1-2
+only (their run terms not yet joined with it; its own film scores are the same for every seed of a set, so this is
+weaker than a fresh sample) and (c) on pediatric seed 0; nothing about it (blur, mask, normal model) is changed.
+`atlas_pop`, the same inside the population lung mask, is read beside it and decides the term's form as `asym_pop`
+would have.
+
     python research/explore_asym.py --data csv:../shared/data/nih-pneumonia-128/manifest.csv \
         --run runs/x14a17/nih-det16-s0 --shifts --out runs/x14a17/asym-nih-s0.json
 """
@@ -66,7 +74,7 @@ MAX_SHIFT = 6  # px at 64 px
 SIGMA = 2.0  # px at 64 px
 TOP_SHARE = 0.05
 CANDIDATES = ("asym_lung", "asym_top")
-CONTROLS = ("asym_raw", "atlas_lung", "asym_pop")
+CONTROLS = ("asym_raw", "atlas_lung", "asym_pop", "atlas_pop")
 
 
 def films(images: np.ndarray) -> torch.Tensor:
@@ -129,9 +137,10 @@ class Model:
         d = x - mirrored(x)
         z = _blur((d - self.d_mu) / self.d_sd, SIGMA).abs()
         za = _blur((x - self.x_mu) / self.x_sd, SIGMA).abs()
+        pop = symmetric(self.pop.astype(np.float32)).expand_as(z)
         return {"asym_lung": masked_mean(z, m), "asym_top": masked_top(z, m),
                 "asym_raw": masked_mean(_blur(d, SIGMA).abs(), m), "atlas_lung": masked_mean(za, m),
-                "asym_pop": masked_mean(z, symmetric(self.pop.astype(np.float32)).expand_as(z))}
+                "asym_pop": masked_mean(z, pop), "atlas_pop": masked_mean(za, pop)}
 
 
 def shipped_with(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray) -> np.ndarray:
