@@ -35,3 +35,14 @@ def test_quant_quick(bench_quick):
     # the same model three ways: the fp32 graph ranks as PyTorch does; int8 was checked at export
     assert abs(run["onnx_fp32"]["test"]["auc"] - run["torch"]["test"]["auc"]) < 1e-6
     assert run["int8_check"]["score"] <= 0.05 and run["int8"]["calibration_images"] == 48
+
+
+def test_scale_quick(bench_quick):
+    doc = json.loads((bench_quick / "scale.json").read_text())
+    assert doc["quick"] and doc["targets"] == {}  # a smoke run checks no bar
+    assert [r["n"] for r in doc["sizes"]] == [200, 1000] and doc["images"]["count"] >= 1000
+    for r in doc["sizes"]:
+        csv = r["score"]["csv"]  # every image scored once, each flagged one way or the other
+        assert csv["ok"] and csv["rows"] == csv["unique_files"] == r["n"] == sum(csv["flags"].values())
+        assert r["score"]["images_per_s"] > 0 and r["model_only"]["images_per_s"] > 0 and r["score"]["peak_rss_mb"] > 0
+    assert doc["manifest"]["rows"] == 5000 and doc["manifest"]["patients"] > 0
