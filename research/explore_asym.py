@@ -166,6 +166,21 @@ def shift_read(model: Model, run: str, lung_val: np.ndarray, names: tuple[str, .
     return {arm: {fam: round(v, 4) for fam, v in fams.items()} for arm, fams in out.items()}
 
 
+def by_finding(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict[str, list[str]], least: int = 8) -> dict[str, dict]:
+    """Each score's AUC of the normals against the abnormal films carrying each finding (NIH's manifest labels; a film
+    carries several), for findings on at least `least` validation films."""
+    if "nih_finding_labels" not in meta:
+        return {}
+    labels = [set(v.split("|")) for v in meta["nih_finding_labels"]]
+    found = sorted({f for i, fs in enumerate(labels) if y[i] == 1 for f in fs})
+    out = {}
+    for f in found:
+        pick = (y == 0) | np.array([f in fs for fs in labels])
+        if int((y[pick] == 1).sum()) >= least:
+            out[f] = {"n": int((y[pick] == 1).sum()), **{k: round(auc(y[pick], v[pick]), 4) for k, v in scores.items()}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -174,6 +189,7 @@ def main() -> None:
     ap.add_argument("--shifts", action="store_true", help="with --run: the shipped score under acquisition shifts")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--out", default="")
+    ap.add_argument("--findings", action="store_true", help="with --run: only the AUC per NIH finding, no cross-fitting")
     a = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
@@ -189,6 +205,14 @@ def main() -> None:
         yr, z, chosen = run_terms(a.run)
         assert np.array_equal(yr, y), "the run's validation split is not this one"
         shipped = sum(z[k] for k in chosen.split("+"))
+        if a.findings:  # exploration after the rules' readings: which findings each term reads
+            extra = {f"shipped+{k}": shipped_with(y, z, k, scores[k]) for k in ("atlas_lung", "asym_lung")}
+            row["by_finding"] = by_finding(y, {**scores, "shipped": shipped, **extra}, val.meta)
+            print(json.dumps(row["by_finding"]), flush=True)
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump({"args": vars(a), "history": [row]}, f, indent=1)
+            return
         row.update(shipped=[chosen, round(auc(y, shipped), 4)], **{k: round(auc(y, v), 4) for k, v in z.items()})
         for k, v in scores.items():
             c, value = with_candidate(y, z, k, v)
