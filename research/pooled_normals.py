@@ -45,7 +45,6 @@ from detector_pair import read_arm, shifted_components
 from explore_classifier import crossfit_delta
 from shift_robustness import run_and_val
 
-import cxr_oneclass.training.detector as detector_training
 from cxr_oneclass.data.specs import load_dataset
 from cxr_oneclass.data.synthetic import lung_masks
 from cxr_oneclass.metrics import auc
@@ -68,17 +67,9 @@ def fit_s(model, films: list[np.ndarray], val):
     cfg = model.cfg
     seed_everything(cfg.seed)  # as the trainer does before building the model: S starts from the run's weights
     det = build_scoring_model(cfg).det
-    bounds = np.cumsum([0] + [len(f) for f in films])
-
-    def per_source(images: np.ndarray, **kw) -> np.ndarray:
-        return np.concatenate([lung_masks(images[a:b], **kw) for a, b in zip(bounds[:-1], bounds[1:])])
-
-    detector_training.lung_masks, saved = per_source, detector_training.lung_masks
-    try:
-        t0 = time.perf_counter()
-        history, _ = fit_detectors(det, cfg, np.concatenate(films), val, progress=False)
-    finally:
-        detector_training.lung_masks = saved
+    t0 = time.perf_counter()
+    lungs = np.concatenate([lung_masks(f, keep=cfg.lung_keep, floor=cfg.lung_floor) for f in films])  # each source its own
+    history, _ = fit_detectors(det, cfg, np.concatenate(films), val, progress=False, lungs=lungs)
     return det.eval(), history, time.perf_counter() - t0
 
 

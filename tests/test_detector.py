@@ -104,6 +104,30 @@ def test_detector_trains_for_a_handful_of_steps(steps):
     assert any(not torch.equal(p, q) for p, q in zip(before, det.parameters()))
 
 
+def test_detector_takes_the_callers_lung_masks():
+    """Masks the caller computed (films pooled from two sources, each masked against its own population) steer where
+    the lesions land: the default masks passed in train S bit for bit as without them, other masks train it
+    differently, and masks of the wrong shape are refused by name."""
+    from cxr_oneclass.data.synthetic import lung_masks
+
+    normals = (phantom.render(8, size=32, seed=1)[0] * 255).astype(np.uint8)
+    cfg = Config(image_size=32, detector_width=4, detector_steps=3, detector_batch=4)
+
+    def trained(lungs=None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        det = Detector(4)
+        fit_detector(det, cfg, normals, None, progress=False, lungs=lungs)
+        return [p.detach().clone() for p in det.parameters()]
+
+    default = trained()
+    same = trained(lung_masks(normals, keep=cfg.lung_keep, floor=cfg.lung_floor))
+    assert all(torch.equal(a, b) for a, b in zip(default, same))
+    other = trained(np.ones(normals.shape, np.float32))  # lesions anywhere on the film
+    assert any(not torch.equal(a, b) for a, b in zip(default, other))
+    with pytest.raises(ValueError, match=r"lung masks of shape \(8, 16, 16\) for films of shape \(8, 32, 32\)"):
+        fit_detector(Detector(4), cfg, normals, None, progress=False, lungs=np.ones((8, 16, 16), np.float32))
+
+
 def test_detector_keeps_the_best_validation_reading(det_run):
     rows = [r.split(",") for r in (det_run / "detector_history.csv").read_text().splitlines()[1:]]
     best = max(float(r[3]) for r in rows)

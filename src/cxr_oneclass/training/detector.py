@@ -98,18 +98,24 @@ def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.
 
 def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
                  progress: bool = True, on_reading: Callable[[int, nn.Module], None] | None = None,
-                 stream: int = 0) -> list[dict]:
+                 stream: int = 0, lungs: np.ndarray | None = None) -> list[dict]:
     """Train `det` in place (on its device; lesions are drawn on the CPU) and leave in it the weights chosen; returns one history row per reading.
 
     train_normals: uint8 (N, H, W). `val` with normal and abnormal films picks the reading with the highest
     validation AUC of the seg term (the mean over its shifted versions too under detector_pick "shifted"; see
     `reading_merit`); without, the last reading is kept. `on_reading(step, ema)` sees the averaged weights at each
     reading (analysis: research/detector_readings.py). `stream` k > 0: the k-th member of config detectors, its
-    lesions and batches drawn from a stream of its own (0: the one S of every run before)."""
+    lesions and batches drawn from a stream of its own (0: the one S of every run before). `lungs`: the films' lung
+    masks, float (N, H, W) in [0, 1], when the caller computed them (films pooled from several sources, each masked
+    against its own population: research/pooled_normals.py); default: `lung_masks` of train_normals."""
+    if lungs is None:
+        lungs = lung_masks(train_normals, keep=cfg.lung_keep, floor=cfg.lung_floor)
+    elif lungs.shape != train_normals.shape:
+        raise ValueError(f"lung masks of shape {lungs.shape} for films of shape {train_normals.shape}: one mask per film, same size")
     seed = cfg.seed + SEED_OFFSET + stream * STREAM_STRIDE
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    lungs = torch.from_numpy(lung_masks(train_normals, keep=cfg.lung_keep, floor=cfg.lung_floor)).unsqueeze(1)  # (N, 1, H, W) soft
+    lung_fields = torch.from_numpy(np.ascontiguousarray(lungs, dtype=np.float32)).unsqueeze(1)  # (N, 1, H, W) soft
     films = torch.from_numpy(np.ascontiguousarray(train_normals)).float().div(255).unsqueeze(1)
     lesions = Lesions(gen=gen, p_abnormal=cfg.lesion_p, mix=lesion_mix(cfg.lesion_kinds))
     device = next(det.parameters()).device
@@ -128,7 +134,7 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
     bar = tqdm(range(1, cfg.detector_steps + 1), desc="detector", unit="step", leave=False, disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(films), (min(cfg.detector_batch, len(films)),), generator=gen)
-        x, lung = jitter(films[idx], lungs[idx], gen, cfg.detector_jitter)
+        x, lung = jitter(films[idx], lung_fields[idx], gen, cfg.detector_jitter)
         x_bad, mask, _ = lesions(x, lung)
         x_bad = reacquire(x_bad, gen, cfg.acquisition_p)  # the mask stays: a blurred lesion is still a lesion
         x_bad = relut(x_bad, gen, cfg.lut_p)  # and so does a lesion seen through another display curve
@@ -161,15 +167,17 @@ def fit_detector(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: Im
 
 
 def fit_detectors(det: nn.Module, cfg: Config, train_normals: np.ndarray, val: ImageSet | None = None,
-                  progress: bool = True) -> tuple[list[dict], dict]:
+                  progress: bool = True, lungs: np.ndarray | None = None) -> tuple[list[dict], dict]:
     """Train each S that `det` holds (config detectors), member k from stream k. Returns the history rows (with a
     `member` column when there are several) and what the run document records: seconds and the kept readings'
-    validation AUC (with several S's, that of their average, and each member's)."""
+    validation AUC (with several S's, that of their average, and each member's). `lungs`: as fit_detector's."""
     members = detector_members(det)
+    if lungs is None:  # once for every member
+        lungs = lung_masks(train_normals, keep=cfg.lung_keep, floor=cfg.lung_floor)
     history: list[dict] = []
     kept, seconds = [], 0.0
     for k, member in enumerate(members):
-        rows = fit_detector(member, cfg, train_normals, val, progress, stream=k)
+        rows = fit_detector(member, cfg, train_normals, val, progress, stream=k, lungs=lungs)
         history += [{"member": k, **r} for r in rows] if len(members) > 1 else rows
         seconds += rows[-1]["seconds"]
         if "val_auc" in rows[0]:
