@@ -60,8 +60,9 @@ import time
 import numpy as np
 import torch
 from detector_count import paired_bootstrap  # research/: run as `python research/explore_asym.py`
-from explore_classifier import crossfit_gain, run_terms, standardise, with_candidate
+from explore_classifier import crossfit_gain, run_terms, standardise, write
 from explore_inpaint import by_view
+from final_test import finding_films
 
 from cxr_oneclass.config import resolve
 from cxr_oneclass.data.specs import load_dataset
@@ -122,7 +123,7 @@ class Model:
     """The training normals' per-pixel mean and std of the mirror difference and of the standardised film."""
 
     def __init__(self, train_images: np.ndarray) -> None:
-        self.pop = population_lung_mask(train_images)[None]  # (1, H, W)
+        self.pop = symmetric(population_lung_mask(train_images)[None].astype(np.float32))  # (1, 1, H, W)
         x = films(train_images)
         d = x - mirrored(x)
         self.d_mu, self.d_sd = d.mean(0), self._floor(d.std(0))
@@ -137,15 +138,19 @@ class Model:
         d = x - mirrored(x)
         z = _blur((d - self.d_mu) / self.d_sd, SIGMA).abs()
         za = _blur((x - self.x_mu) / self.x_sd, SIGMA).abs()
-        pop = symmetric(self.pop.astype(np.float32)).expand_as(z)
+        pop = self.pop.expand_as(z)
         return {"asym_lung": masked_mean(z, m), "asym_top": masked_top(z, m),
                 "asym_raw": masked_mean(_blur(d, SIGMA).abs(), m), "atlas_lung": masked_mean(za, m),
                 "asym_pop": masked_mean(z, pop), "atlas_pop": masked_mean(za, pop)}
 
 
-def shipped_with(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray) -> np.ndarray:
+def shipped_with(y: np.ndarray, z: dict[str, np.ndarray], name: str, s: np.ndarray) -> tuple[str, float, np.ndarray]:
+    """`auto` choosing again with candidate `s` as one more term (explore_classifier.with_candidate), and the chosen
+    sum's scores too."""
     sums = candidate_sums({**z, name: standardise(y, s)})
-    return sums[best_candidate({k: auc(y, v) for k, v in sums.items()})]
+    table = {k: auc(y, v) for k, v in sums.items()}
+    best = best_candidate(table)
+    return best, table[best], sums[best]
 
 
 def shift_read(model: Model, run: str, lung_val: np.ndarray, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -167,17 +172,13 @@ def shift_read(model: Model, run: str, lung_val: np.ndarray, names: tuple[str, .
 
 
 def by_finding(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict[str, list[str]], least: int = 8) -> dict[str, dict]:
-    """Each score's AUC of the normals against the abnormal films carrying each finding (NIH's manifest labels; a film
-    carries several), for findings on at least `least` validation films."""
-    if "nih_finding_labels" not in meta:
-        return {}
-    labels = [set(v.split("|")) for v in meta["nih_finding_labels"]]
-    found = sorted({f for i, fs in enumerate(labels) if y[i] == 1 for f in fs})
+    """Each score's AUC of the normals against the abnormal films carrying each finding (NIH's manifest labels), for
+    findings on at least `least` validation films."""
+    normals = np.flatnonzero(y == 0)
     out = {}
-    for f in found:
-        pick = (y == 0) | np.array([f in fs for fs in labels])
-        if int((y[pick] == 1).sum()) >= least:
-            out[f] = {"n": int((y[pick] == 1).sum()), **{k: round(auc(y[pick], v[pick]), 4) for k, v in scores.items()}}
+    for f, idx in sorted(finding_films(y, meta, least).items()):
+        sel = np.r_[normals, idx]
+        out[f] = {"n": len(idx), **{k: round(auc(y[sel], v[sel]), 4) for k, v in scores.items()}}
     return out
 
 
@@ -206,19 +207,16 @@ def main() -> None:
         assert np.array_equal(yr, y), "the run's validation split is not this one"
         shipped = sum(z[k] for k in chosen.split("+"))
         if a.findings:  # exploration after the rules' readings: which findings each term reads
-            extra = {f"shipped+{k}": shipped_with(y, z, k, scores[k]) for k in ("atlas_lung", "asym_lung")}
+            extra = {f"shipped+{k}": shipped_with(y, z, k, scores[k])[2] for k in ("atlas_lung", "asym_lung")}
             row["by_finding"] = by_finding(y, {**scores, "shipped": shipped, **extra}, val.meta)
             print(json.dumps(row["by_finding"]), flush=True)
-            if a.out:
-                with open(a.out, "w") as f:
-                    json.dump({"args": vars(a), "history": [row]}, f, indent=1)
-            return
+            return write(a, [row])
         row.update(shipped=[chosen, round(auc(y, shipped), 4)], **{k: round(auc(y, v), 4) for k, v in z.items()})
         for k, v in scores.items():
-            c, value = with_candidate(y, z, k, v)
+            c, value, with_scores = shipped_with(y, z, k, v)
             row[f"with_{k}"] = [c, round(value, 4)]
             row[f"xfit_{k}"] = round(crossfit_gain(y, z, k, v), 4)
-            lo, hi = paired_bootstrap(y, shipped, shipped_with(y, z, k, v), a.bootstrap)
+            lo, hi = paired_bootstrap(y, shipped, with_scores, a.bootstrap)
             row[f"ci_{k}"] = [round(lo, 4), round(hi, 4)]
         row["by_view"] = by_view(y, {**scores, "shipped": shipped}, val.meta)
         if a.shifts:
@@ -226,9 +224,7 @@ def main() -> None:
     row["sec"] = round(time.time() - t0, 1)
     row["scores"] = {k: [round(float(x), 6) for x in v] for k, v in scores.items()}
     print(json.dumps({k: v for k, v in row.items() if k != "scores"}), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "history": [row]}, f, indent=1)
+    write(a, [row])
 
 
 if __name__ == "__main__":

@@ -38,23 +38,27 @@ def at_thresholds(val_labels, val_scores, test_labels, test_scores) -> dict:
     return out
 
 
+def finding_films(labels: np.ndarray, meta: dict[str, list[str]], least: int) -> dict[str, np.ndarray]:
+    """Per NIH finding label carried by at least `least` abnormal films, those films' indices (a film carries several;
+    none without the manifest's `nih_finding_labels`)."""
+    findings = defaultdict(list)
+    for i, text in enumerate(meta.get("nih_finding_labels", [])):
+        if labels[i] == 1:
+            for f in text.split("|"):
+                findings[f].append(i)
+    return {f: np.array(idx) for f, idx in findings.items() if len(idx) >= least}
+
+
 def breakdown(test, scores) -> dict:
     out = {}
     if "view" in test.meta:
         for view in sorted(set(test.meta["view"])):
             m = np.array([v == view for v in test.meta["view"]])
             out[f"auc_view_{view}"] = auc(test.labels[m], scores[m])
-    if "nih_finding_labels" in test.meta:
-        findings = defaultdict(list)
-        for i, text in enumerate(test.meta["nih_finding_labels"]):
-            if test.labels[i] == 1:
-                for f in text.split("|"):
-                    findings[f].append(i)
-        normals = np.flatnonzero(test.labels == 0)
-        for f, idx in sorted(findings.items(), key=lambda kv: -len(kv[1])):
-            if len(idx) >= 10:
-                sel = np.r_[normals, idx]
-                out[f"auc_finding_{f} (n={len(idx)})"] = auc(test.labels[sel], scores[sel])
+    normals = np.flatnonzero(test.labels == 0)
+    for f, idx in sorted(finding_films(test.labels, test.meta, 10).items(), key=lambda kv: -len(kv[1])):
+        sel = np.r_[normals, idx]
+        out[f"auc_finding_{f} (n={len(idx)})"] = auc(test.labels[sel], scores[sel])
     return out
 
 
